@@ -1,0 +1,52 @@
+"""A supervisor of children started on demand (OTP's ``DynamicSupervisor``), such as machines.
+
+It starts empty; :meth:`DynamicSupervisor.start_child` adds a child and returns its started value,
+:meth:`DynamicSupervisor.terminate_child` stops one for good. Restarts are one-for-one, by each
+child's restart type, within the supervisor's intensity; on shutdown the children are stopped in
+reverse order of their start, each within its deadline.
+"""
+
+from __future__ import annotations
+
+from .errors import TooManyChildren, UnknownChild
+from .spec import ChildSpec
+from .supervisor import SupervisorBase
+from .tree import ChildState
+
+
+class DynamicSupervisor(SupervisorBase):
+    """Children started on demand, at most ``max_children`` at a time (``None``: no limit)."""
+
+    kind = "dynamic_supervisor"
+
+    def __init__(
+        self, name: str, *, max_children: int | None = None, intensity: int = 3, period: float = 5.0
+    ) -> None:
+        super().__init__(name, intensity=intensity, period=period)
+        if max_children is not None and max_children < 1:
+            raise ValueError("max_children must be >= 1 (or None for no limit)")
+        self.max_children = max_children
+
+    def __len__(self) -> int:
+        """How many children are alive (starting, running or restarting)."""
+        return sum(1 for child in self._children if child.state is not ChildState.STOPPED)
+
+    async def start_child(self, spec: ChildSpec) -> object:
+        """Start a child and return what it passed to ``started``; raise what its start raised.
+
+        Raises:
+            TooManyChildren: ``max_children`` are already alive.
+            DuplicateChild: a child with this id is alive.
+            SupervisorNotRunning: the supervisor is not (or no longer) running.
+        """
+        if self.max_children is not None and len(self) >= self.max_children:
+            raise TooManyChildren(f"supervisor {self.name!r} already runs its maximum of {self.max_children}")
+        return (await self._start(spec)).value
+
+    async def terminate_child(self, child_id: str) -> None:
+        """Stop the child ``child_id`` within its shutdown deadline; it is not restarted."""
+        child = next((c for c in self._children if c.spec.id == child_id), None)
+        if child is None:
+            raise UnknownChild(f"supervisor {self.name!r} has no child {child_id!r}")
+        await self._terminate([child], final=True)
+        self._forget(child)

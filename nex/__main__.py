@@ -1,0 +1,3 @@
+from nex.cli.app import main
+
+main()

@@ -1,0 +1,3 @@
+from nex.agent.main import main
+
+main()
