@@ -113,6 +113,7 @@ class Actor(Generic[T]):
         self.mailbox = mailbox
         self._stopping = False
         self._receive_scope: trio.CancelScope | None = None
+        crash: BaseException | None = None
         async with CleanupStack(
             journal=self.journal, owner=mailbox.name, release_timeout=self.release_timeout
         ) as cleanup:
@@ -131,10 +132,14 @@ class Actor(Generic[T]):
                             registry.unregister(mailbox.name, mailbox.ref)
                     nursery.cancel_scope.cancel()
             except BaseExceptionGroup as group:
-                error = sole_exception(group)
-                if error is group:
+                crash = sole_exception(group)
+                if crash is group:
                     raise
-                raise error from error.__cause__  # keep its cause, hide the wrapping group
+            if crash is not None:
+                # Raised outside the ``except``: raised inside, it would get the group as its
+                # __context__, a cycle (the group holds it) that sends traceback walkers (pytest
+                # 9.2's, for one) into an endless loop.
+                raise crash
 
     async def _loop(self) -> None:
         while not self._stopping:

@@ -70,6 +70,7 @@ class _Child:
         self.scope = trio.CancelScope()
         self.done = trio.Event()
         self.started = False
+        self.abandoned = False
         self.terminating = False
 
     def next_run(self) -> None:
@@ -84,16 +85,26 @@ class _Exit(NamedTuple):
 
 
 class _ChildStatus:
-    """Wraps the ``task_status`` handed to a child: shields its scope once it has started."""
+    """Wraps the ``task_status`` handed to a child: shields its scope once it has started.
 
-    def __init__(self, child: _Child, inner: trio.TaskStatus[object]) -> None:
+    If whoever awaits the start was cancelled meanwhile, trio does not move the child into the
+    supervisor's nursery (see trio's ``TaskStatus.started``) but leaves it to unwind where it is. The
+    child must then stay unshielded, or that cancellation could never reach it and the start would
+    wait forever.
+    """
+
+    def __init__(self, nursery: trio.Nursery, child: _Child, inner: trio.TaskStatus[object]) -> None:
+        self._nursery = nursery
         self._child = child
         self._inner = inner
 
     def started(self, value: object = None) -> None:
+        self._inner.started(value)
+        if trio.lowlevel.current_task().parent_nursery is not self._nursery:
+            self._child.abandoned = True  # the start was cancelled: unwind, do not report
+            return
         self._child.scope.shield = True
         self._child.started = True
-        self._inner.started(value)
 
 
 class SupervisorBase:
@@ -227,12 +238,13 @@ class SupervisorBase:
     # -- internals ---------------------------------------------------------------------------------
 
     async def _run_child(self, child: _Child, *, task_status: trio.TaskStatus[object]) -> None:
+        assert self._nursery is not None
         generation = child.generation
         error: Exception | None = None
         try:
             with child.scope:
-                await child.spec.start(task_status=_ChildStatus(child, task_status))
-            if not child.started:
+                await child.spec.start(task_status=_ChildStatus(self._nursery, child, task_status))
+            if not child.started and not child.abandoned:
                 if child.scope.cancelled_caught:
                     raise SupervisorNotRunning(
                         f"supervisor {self.name!r} stopped while {child.spec.id} started"
@@ -244,7 +256,7 @@ class SupervisorBase:
             error = exc
         finally:
             child.done.set()
-        if self._exits_in is not None:
+        if child.started and self._exits_in is not None:
             self._exits_in.send_nowait(_Exit(child, generation, error))
 
     async def _on_exit(self, exit_: _Exit, restarts: RestartIntensity) -> None:

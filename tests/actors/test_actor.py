@@ -169,9 +169,15 @@ async def test_a_background_task_crash_is_the_actors_crash(autojump_clock: MockC
         async def handle(self, message: Inc) -> None:
             pass
 
-    with pytest.raises(OSError, match="lost the device"):  # the actor's crash reason, not a group
+    with pytest.raises(OSError, match="lost the device") as info:  # the crash itself, not a group
         await Ticker().run(Mailbox[Inc](name="ticker"))
     assert trio.current_time() == 1
+    seen: set[int] = set()
+    error: BaseException | None = info.value
+    while error is not None:  # the unwrapped error must not chain back to its own group
+        assert id(error) not in seen, "cycle in the exception chain"
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
 
 
 async def test_messages_sharing_a_kind_tag_are_refused_at_class_definition() -> None:

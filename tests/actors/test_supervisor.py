@@ -281,6 +281,60 @@ async def test_cancelling_a_start_in_progress_unwinds_it(autojump_clock: MockClo
     assert log == ["b unwound", "a stopped"]
 
 
+def shielded_starter(log: list[str], name: str, *, first_run_ready_at_once: bool = False) -> ChildSpec:
+    """A child whose start ends with shielded work (as an atomic acquisition is), then ``started``."""
+    runs = [0]
+
+    async def start(*, task_status: trio.TaskStatus[None]) -> None:
+        runs[0] += 1
+        if not (first_run_ready_at_once and runs[0] == 1):
+            with trio.CancelScope(shield=True):
+                await trio.sleep(1)
+        task_status.started()
+        try:
+            await trio.sleep_forever()
+        finally:
+            log.append(f"{name} stopped (run {runs[0]})")
+
+    return ChildSpec(name, start)
+
+
+async def test_cancelled_while_a_child_finishes_shielded_start_work(autojump_clock: MockClock) -> None:
+    """trio does not adopt a child whose starter was cancelled; it must still unwind (no deadlock)."""
+    log: list[str] = []
+    sup = Supervisor("s", [shielded_starter(log, "a")])
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sup.run)
+            await trio.sleep(0.5)  # inside the child's shielded start
+            nursery.cancel_scope.cancel()
+    assert log == ["a stopped (run 1)"]
+    assert trio.current_time() == 1
+
+
+async def test_cancelled_while_a_restart_finishes_shielded_start_work(autojump_clock: MockClock) -> None:
+    log: list[str] = []
+    crash = trio.Event()
+
+    async def crasher(*, task_status: trio.TaskStatus[None]) -> None:
+        task_status.started()
+        await crash.wait()
+        raise RuntimeError("crash")
+
+    sup = Supervisor(
+        "s",
+        [ChildSpec("c", crasher), shielded_starter(log, "a", first_run_ready_at_once=True)],
+        strategy=Strategy.ONE_FOR_ALL,
+    )
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            crash.set()  # one_for_all: "a" is stopped and restarted, its restart takes 1 s
+            await trio.sleep(0.5)
+            nursery.cancel_scope.cancel()
+    assert log == ["a stopped (run 1)", "a stopped (run 2)"]
+
+
 async def test_a_child_that_returns_without_starting_is_a_start_failure(autojump_clock: MockClock) -> None:
     async def lazy(*, task_status: trio.TaskStatus[None]) -> None:
         return
