@@ -220,8 +220,9 @@ def check_nothing_leaked(host: FakeHost, journal: Journal) -> None:
     assert journal.records() == [], "no journal record outlives its resource"
 
 
+@pytest.mark.parametrize("under", ["nursery", "supervisor"])
 async def test_cancelled_at_every_checkpoint_of_startup_nothing_leaks(
-    tmp_path: Path, autojump_clock: MockClock
+    under: str, tmp_path: Path, autojump_clock: MockClock
 ) -> None:
     runs: list[tuple[FakeHost, Journal]] = []
 
@@ -229,35 +230,18 @@ async def test_cancelled_at_every_checkpoint_of_startup_nothing_leaks(
         journal = Journal(tmp_path / f"run{len(runs)}")
         host = FakeHost()
         runs.append((host, journal))
-        async with trio.open_nursery() as nursery:
-            await nursery.start(Machine(host, journal).run, Mailbox[Poke](name="m"))
-            nursery.cancel_scope.cancel()
-
-    def check(step: int) -> None:
-        check_nothing_leaked(*runs[-1])
-
-    swept = await cancel_at_each_checkpoint(scenario, check)
-    assert swept >= 9, "three resources with two checkpoints each, plus the sleeps"
-    # Acquisitions are atomic and on_start begins with one, so every run made at least one resource;
-    # the sweep cut the others off between every pair of acquisitions and after the last.
-    assert {len(host.created) for host, _ in runs} == {1, 2, 3}
-
-
-async def test_cancelled_at_every_checkpoint_under_a_supervisor_nothing_leaks(
-    tmp_path: Path, autojump_clock: MockClock
-) -> None:
-    runs: list[tuple[FakeHost, Journal]] = []
-
-    async def scenario() -> None:
-        journal = Journal(tmp_path / f"run{len(runs)}")
-        host = FakeHost()
-        runs.append((host, journal))
-        sup = Supervisor("machines", [actor_spec(lambda: Machine(host, journal), Mailbox[Poke](name="m"))])
+        mailbox = Mailbox[Poke](name="m")
+        sup = Supervisor("machines", [actor_spec(lambda: Machine(host, journal), mailbox)])
         with trio.fail_after(60):  # a deadlocked start shows as a failure, not a hang
             async with trio.open_nursery() as nursery:
-                await nursery.start(sup.run)
+                if under == "supervisor":
+                    await nursery.start(sup.run)
+                else:
+                    await nursery.start(Machine(host, journal).run, mailbox)
                 nursery.cancel_scope.cancel()
 
     swept = await cancel_at_each_checkpoint(scenario, lambda step: check_nothing_leaked(*runs[-1]))
-    assert swept >= 9
+    assert swept >= 9, "three resources with two checkpoints each, plus the pauses between them"
+    # Acquisitions are atomic and on_start begins with one, so every run made at least one resource;
+    # the sweep cut the others off between every pair of acquisitions and after the last.
     assert {len(host.created) for host, _ in runs} == {1, 2, 3}
