@@ -155,9 +155,7 @@ class Actor(Generic[T]):
 
     async def _dispatch(self, message: T) -> None:
         if self.inbox_types and not isinstance(message, self.inbox_types):
-            self.mailbox.dead_letter(
-                message, f"{type(self).__name__} does not accept {type(message).__name__}"
-            )
+            self.mailbox.dead_letter(message, f"{type(self).__name__} does not accept {type(message).__name__}")
             return
         try:
             await self.handle(message)
@@ -187,16 +185,12 @@ def actor_spec(
     async def start(*, task_status: trio.TaskStatus[ActorRef[T]]) -> None:
         await factory().run(mailbox, registry=registry, task_status=task_status)
 
-    return ChildSpec(
-        id=mailbox.name, start=start, restart=restart, shutdown=shutdown, kind="actor", mailbox=mailbox
-    )
+    return ChildSpec(id=mailbox.name, start=start, restart=restart, shutdown=shutdown, kind="actor", mailbox=mailbox)
 
 
 def _union_members(inbox: object) -> tuple[type, ...]:
-    if typing.get_origin(inbox) in (typing.Union, types.UnionType):
-        members = typing.get_args(inbox)
-    else:
-        members = (inbox,)
+    is_union = typing.get_origin(inbox) in (typing.Union, types.UnionType)
+    members = typing.get_args(inbox) if is_union else (inbox,)
     return tuple(m for m in members if isinstance(m, type))
 
 

@@ -256,9 +256,7 @@ class CleanupStack:
 
     def _record(self, name: str, kind: str, data: Mapping[str, JsonScalar] | None) -> Path | None:
         if self._closed:
-            raise RuntimeError(
-                f"cleanup stack of {self.owner or 'an actor'} is closed; cannot acquire {name}"
-            )
+            raise RuntimeError(f"cleanup stack of {self.owner or 'an actor'} is closed; cannot acquire {name}")
         if self.journal is None:
             return None
         record = ResourceRecord(
@@ -287,9 +285,7 @@ class CleanupStack:
         return failures
 
 
-async def _release_one(
-    name: str, release: Callable[[], Awaitable[object]], timeout: float
-) -> BaseException | None:
+async def _release_one(name: str, release: Callable[[], Awaitable[object]], timeout: float) -> BaseException | None:
     """Run one release shielded and bounded; return its error (or a TooSlowError) instead of raising."""
     with trio.move_on_after(timeout, shield=True) as scope:
         try:

@@ -19,9 +19,7 @@ class DynamicSupervisor(SupervisorBase):
 
     kind = "dynamic_supervisor"
 
-    def __init__(
-        self, name: str, *, max_children: int | None = None, intensity: int = 3, period: float = 5.0
-    ) -> None:
+    def __init__(self, name: str, *, max_children: int | None = None, intensity: int = 3, period: float = 5.0) -> None:
         super().__init__(name, intensity=intensity, period=period)
         if max_children is not None and max_children < 1:
             raise ValueError("max_children must be >= 1 (or None for no limit)")

@@ -53,8 +53,7 @@ class TooManyRestarts(ActorError):
 
     def __init__(self, supervisor: str, intensity: int, period: float, last_error: str) -> None:
         super().__init__(
-            f"supervisor {supervisor!r} gave up: more than {intensity} restarts within {period:g}s "
-            f"(last: {last_error})"
+            f"supervisor {supervisor!r} gave up: more than {intensity} restarts within {period:g}s (last: {last_error})"
         )
         self.supervisor = supervisor
         self.intensity = intensity

@@ -23,7 +23,7 @@ so an asker never waits out its whole deadline for an answer that cannot come.
 from __future__ import annotations
 
 import math
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, dataclass_transform
 
 import msgspec
 import trio
@@ -33,8 +33,13 @@ from .errors import AskTimeout, ReplyAlreadySent
 R = TypeVar("R")
 
 
+@dataclass_transform(frozen_default=True, kw_only_default=True, field_specifiers=(msgspec.field,))
 class Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag=True):
-    """Base of every actor message: frozen, keyword-only, tagged ``{"kind": "<ClassName>"}``."""
+    """Base of every actor message: frozen, keyword-only, tagged ``{"kind": "<ClassName>"}``.
+
+    Subclasses inherit all three; ``dataclass_transform`` tells type checkers so, so a subclass
+    needs no ``frozen=True`` of its own.
+    """
 
 
 class Reply(Generic[R]):

@@ -246,9 +246,7 @@ class SupervisorBase:
                 await child.spec.start(task_status=_ChildStatus(self._nursery, child, task_status))
             if not child.started and not child.abandoned:
                 if child.scope.cancelled_caught:
-                    raise SupervisorNotRunning(
-                        f"supervisor {self.name!r} stopped while {child.spec.id} started"
-                    )
+                    raise SupervisorNotRunning(f"supervisor {self.name!r} stopped while {child.spec.id} started")
                 raise RuntimeError(f"child {child.spec.id!r} returned without calling task_status.started()")
         except Exception as exc:
             if not child.started:
@@ -271,9 +269,7 @@ class SupervisorBase:
         )
         if not restart:
             child.state = ChildState.FAILED if error is not None else ChildState.STOPPED
-            log.info(
-                "%s: child %s ended (%s, not restarted)", self.name, child.spec.id, child.spec.restart.value
-            )
+            log.info("%s: child %s ended (%s, not restarted)", self.name, child.spec.id, child.spec.restart.value)
             self._forget(child)
             return
         self._count_restart(child, error, restarts)
@@ -362,9 +358,7 @@ def _close_mailbox(child: _Child) -> None:
 def _describe(child: _Child) -> TreeNode:
     state = child.state.value
     if isinstance(child.value, HasTree) and child.state is ChildState.RUNNING:
-        return msgspec.structs.replace(
-            child.value.tree(), name=child.spec.id, state=state, restarts=child.restarts
-        )
+        return msgspec.structs.replace(child.value.tree(), name=child.spec.id, state=state, restarts=child.restarts)
     mailbox = child.spec.mailbox
     if mailbox is None:
         return TreeNode(name=child.spec.id, kind=child.spec.kind, state=state, restarts=child.restarts)

@@ -8,9 +8,7 @@ from cyclopts import App
 
 from nex import __version__
 
-app = App(
-    name="nex", help="NATS execution engine: run a node, list nodes, deploy workloads.", version=__version__
-)
+app = App(name="nex", help="NATS execution engine: run a node, list nodes, deploy workloads.", version=__version__)
 
 
 @app.command

@@ -19,9 +19,7 @@ class Harness:
         self.fail_start: set[str] = set()
         self.stop_takes: dict[str, float] = {}
 
-    def spec(
-        self, child_id: str, restart: Restart = Restart.PERMANENT, shutdown: float | None = 5.0
-    ) -> ChildSpec:
+    def spec(self, child_id: str, restart: Restart = Restart.PERMANENT, shutdown: float | None = 5.0) -> ChildSpec:
         async def start(*, task_status: trio.TaskStatus[str]) -> None:
             self.note("start", child_id)
             if child_id in self.fail_start:

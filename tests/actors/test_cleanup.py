@@ -131,9 +131,7 @@ async def test_journal_records_exist_from_before_creation_until_release(tmp_path
     journal = Journal(tmp_path / "journal")
     host = FakeHost(journal)
     async with CleanupStack(journal=journal, owner="vm1") as stack:
-        await stack.acquire(
-            "netns nx1", lambda: host.create("netns"), host.delete, kind="netns", data={"name": "nx1"}
-        )
+        await stack.acquire("netns nx1", lambda: host.create("netns"), host.delete, kind="netns", data={"name": "nx1"})
         await stack.acquire("veth nx1h", lambda: host.create("veth"), host.delete, kind="link")
         records = [r for _, r in journal.records()]
         assert [(r.kind, r.name, r.owner) for r in records] == [

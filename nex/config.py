@@ -1,0 +1,300 @@
+"""The node's configuration: a JSON file in nex's format, plus flags, into typed msgspec Structs.
+
+Both spellings nex has used are accepted: the documented keys (``kernel_path``, ``rootfs_path``) and
+the keys in nex's code (``kernel_filepath``, ``rootfs_filepath``); ``requester_public_keys`` (sender
+xkeys allowed to deploy) and ``valid_issuers`` (issuer accounts allowed to deploy) are separate lists.
+nex's sample ``machineconfig.json`` loads as it is.
+
+Loading never half-succeeds: every problem is collected and reported together, each naming its JSON
+path and the rule, for example ``machine_pool_size must be >= 1 at $.machine_pool_size``. Keys this
+node does not know are reported as warnings (a typo should not go unnoticed), and keys nex knows but
+this node does not apply are accepted with a warning saying so.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from . import crypto
+
+Driver = Literal["process"]
+KNOWN_WORKLOAD_TYPES = ("native", "elf")
+
+#: documented key -> the key nex's code reads (and this node stores)
+ALIASES = {"kernel_path": "kernel_filepath", "rootfs_path": "rootfs_filepath"}
+
+#: keys nex reads that this node accepts but does not act on
+ACCEPTED_NOT_APPLIED = (
+    "rate_limiters",
+    "host_services",
+    "public_nats_server",
+    "otlp_exporter_url",
+    "otel_metrics",
+    "otel_metrics_port",
+    "otel_metrics_exporter",
+    "otel_traces",
+    "otel_traces_exporter",
+    "autostart",
+)
+
+
+class CniConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
+    network_name: str = "fcnet"
+    interface_name: str = "veth0"
+    subnet: str = "192.168.127.0/24"
+    bin_path: list[str] = []
+
+
+class MachineTemplate(msgspec.Struct, kw_only=True):
+    vcpu_count: int = 1
+    memsize_mib: int = 256
+
+
+class NodeLimits(msgspec.Struct, kw_only=True):
+    """0 means unlimited."""
+
+    max_workloads: int = 0
+    max_workload_bytes: int = 0
+    max_total_bytes: int = 0
+
+
+class NodeConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Everything a node reads from its config file; defaults are the embedded default's."""
+
+    # nex v0.2.x keys
+    kernel_filepath: str = ""
+    rootfs_filepath: str = ""
+    default_resource_dir: str = ""
+    machine_pool_size: int = 1
+    machine_template: MachineTemplate = msgspec.field(default_factory=MachineTemplate)
+    cni: CniConfig = msgspec.field(default_factory=CniConfig)
+    valid_issuers: list[str] = []
+    requester_public_keys: list[str] = []
+    tags: dict[str, str] = {}
+    no_sandbox: bool = False
+    internal_node_host: str | None = None
+    internal_node_port: int = 9222
+    agent_handshake_timeout_ms: int = 5000
+    agent_ping_timeout_ms: int = 750
+    workload_types: list[str] = msgspec.field(default_factory=lambda: ["native"])
+    node_limits: NodeLimits = msgspec.field(default_factory=NodeLimits)
+    preserve_network: bool = False
+    bin_path: list[str] = []
+    deny_trigger_subjects: list[str] = []
+    pid_filepath: str | None = None
+    rate_limiters: Any = None
+    host_services: Any = None
+    public_nats_server: Any = None
+    otlp_exporter_url: Any = None
+    otel_metrics: Any = None
+    otel_metrics_port: Any = None
+    otel_metrics_exporter: Any = None
+    otel_traces: Any = None
+    otel_traces_exporter: Any = None
+    autostart: Any = None
+    # this node's own keys
+    driver: Driver = "process"
+    state_dir: str | None = None
+    heartbeat_interval_ms: int = 30_000
+    lameduck_deadline_ms: int = 600_000
+
+    def subnet(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.cni.subnet)
+
+    def internal_host(self) -> str:
+        """The internal server's address as the machines see it: the setting, or the subnet's first host."""
+        return self.internal_node_host or str(next(self.subnet().hosts()))
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``problems`` lists each one (path and rule)."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid configuration ({source}):\n{lines}")
+        self.source = source
+        self.problems = problems
+
+
+class LoadedConfig(msgspec.Struct, frozen=True):
+    config: NodeConfig
+    warnings: list[str]
+    source: str
+
+
+def load(path: Path | None, overrides: dict[str, Any] | None = None) -> LoadedConfig:
+    """Read ``path`` (or start from the defaults), apply flag ``overrides`` (dotted keys), validate.
+
+    Raises:
+        ConfigError: the file is missing, not JSON, or any value breaks a rule.
+    """
+    source = str(path) if path is not None else "built-in defaults"
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise ConfigError(source, [f"config file {path} does not exist"]) from None
+        except OSError as exc:
+            raise ConfigError(source, [f"cannot read {path}: {exc.strerror}"]) from None
+        try:
+            decoded = msgspec.json.decode(raw)
+        except msgspec.DecodeError as exc:
+            raise ConfigError(source, [f"{path} is not valid JSON: {exc}"]) from None
+        if not isinstance(decoded, dict):
+            raise ConfigError(source, ["the config must be a JSON object at $"])
+        data = decoded
+    problems: list[str] = []
+    data = _fold_aliases(data, problems)
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+    warnings = [f"unknown key {p} (ignored; check its spelling)" for p in _unknown_keys(data, NodeConfig, "$")]
+    warnings += [
+        f"{key} is accepted for compatibility with nex but not applied by this node"
+        for key in ACCEPTED_NOT_APPLIED
+        if data.get(key) is not None
+    ]
+    known = _drop_unknown(data, NodeConfig)
+    try:
+        config = msgspec.convert(known, NodeConfig)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(source, [*problems, _describe(exc)]) from None
+    problems += validate(config)
+    if problems:
+        raise ConfigError(source, problems)
+    unsupported = [t for t in config.workload_types if t not in KNOWN_WORKLOAD_TYPES]
+    if unsupported:
+        warnings.append(f"workload types {', '.join(unsupported)} are not supported by this node and are ignored")
+    return LoadedConfig(config=config, warnings=warnings, source=source)
+
+
+def validate(config: NodeConfig) -> list[str]:
+    """Every rule a well-typed config can still break, as ``<rule> at <path>``."""
+    problems: list[str] = []
+
+    def at_least(value: int, minimum: int, path: str) -> None:
+        if value < minimum:
+            problems.append(f"{path.removeprefix('$.')} must be >= {minimum} at {path}")
+
+    at_least(config.machine_pool_size, 1, "$.machine_pool_size")
+    at_least(config.machine_template.vcpu_count, 1, "$.machine_template.vcpu_count")
+    at_least(config.machine_template.memsize_mib, 1, "$.machine_template.memsize_mib")
+    at_least(config.agent_handshake_timeout_ms, 1, "$.agent_handshake_timeout_ms")
+    at_least(config.agent_ping_timeout_ms, 1, "$.agent_ping_timeout_ms")
+    at_least(config.heartbeat_interval_ms, 100, "$.heartbeat_interval_ms")
+    at_least(config.lameduck_deadline_ms, 0, "$.lameduck_deadline_ms")
+    for field in ("max_workloads", "max_workload_bytes", "max_total_bytes"):
+        at_least(getattr(config.node_limits, field), 0, f"$.node_limits.{field}")
+    if not 0 <= config.internal_node_port <= 65535:
+        problems.append("internal_node_port must be between 0 (any free port) and 65535 at $.internal_node_port")
+    subnet = None
+    try:
+        subnet = ipaddress.IPv4Network(config.cni.subnet)
+        if subnet.prefixlen > 30:
+            problems.append("cni.subnet must leave room for machines (a prefix of /30 or shorter) at $.cni.subnet")
+            subnet = None
+    except ValueError as exc:
+        problems.append(f"cni.subnet must be an IPv4 network such as 192.168.127.0/24 ({exc}) at $.cni.subnet")
+    if config.internal_node_host is not None:
+        try:
+            host = ipaddress.IPv4Address(config.internal_node_host)
+            if subnet is not None and host not in subnet:
+                problems.append(f"internal_node_host must be in the CNI subnet {subnet} at $.internal_node_host")
+        except ValueError:
+            problems.append("internal_node_host must be an IPv4 address at $.internal_node_host")
+    for i, key in enumerate(config.valid_issuers):
+        if not crypto.is_public_key(key, crypto.PREFIX_ACCOUNT):
+            problems.append(f"valid_issuers entries must be account public keys (A…) at $.valid_issuers[{i}]")
+    for i, key in enumerate(config.requester_public_keys):
+        if not crypto.is_public_key(key, crypto.PREFIX_CURVE):
+            problems.append(
+                f"requester_public_keys entries must be curve public keys (X…) at $.requester_public_keys[{i}]"
+            )
+    for name in config.tags:
+        if not name:
+            problems.append("tag names must not be empty at $.tags")
+        elif name.startswith("nex."):
+            problems.append(f"tag {name} is set by the node itself; remove it at $.tags.{name}")
+    if not config.cni.network_name or "/" in config.cni.network_name:
+        problems.append("cni.network_name must be a plain name (it names a directory) at $.cni.network_name")
+    return problems
+
+
+def default_state_dir() -> Path:
+    """/var/lib/nex as root, otherwise the XDG state directory ($XDG_STATE_HOME/nex)."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/nex")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "nex"
+
+
+def _fold_aliases(data: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    data = dict(data)
+    for documented, code in ALIASES.items():
+        if documented not in data:
+            continue
+        value = data.pop(documented)
+        if code in data and data[code] != value:
+            problems.append(
+                f"{documented} and {code} are the same setting with different values; give one at $.{documented}"
+            )
+        data.setdefault(code, value)
+    return data
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    node = data
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[last] = value
+
+
+def _struct_fields(struct: type) -> dict[str, Any]:
+    return {f.encode_name: f.type for f in msgspec.structs.fields(struct)}
+
+
+def _nested_struct(annotation: Any) -> type | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, msgspec.Struct) else None
+
+
+def _unknown_keys(data: dict[str, Any], struct: type, path: str) -> list[str]:
+    fields = _struct_fields(struct)
+    found: list[str] = []
+    for key, value in data.items():
+        if key not in fields:
+            found.append(f"{path}.{key}")
+            continue
+        nested = _nested_struct(fields[key])
+        if nested is not None and isinstance(value, dict):
+            found.extend(_unknown_keys(value, nested, f"{path}.{key}"))
+    return found
+
+
+def _drop_unknown(data: dict[str, Any], struct: type) -> dict[str, Any]:
+    fields = _struct_fields(struct)
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            continue
+        nested = _nested_struct(fields[key])
+        out[key] = _drop_unknown(value, nested) if nested is not None and isinstance(value, dict) else value
+    return out
+
+
+def _describe(exc: msgspec.ValidationError) -> str:
+    """msgspec's ``Expected `int`, got `str` - at `$.x``` as ``Expected `int`, got `str` at $.x``."""
+    message = str(exc)
+    if " - at `" in message:
+        text, path = message.rsplit(" - at `", 1)
+        return f"{text} at {path.rstrip('`')}"
+    return f"{message} at $"
