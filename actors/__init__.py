@@ -80,3 +80,4 @@ from .supervisor import Supervisor as Supervisor
 from .tree import ChildState as ChildState
 from .tree import TreeNode as TreeNode
 from .tree import render_tree as render_tree
+from .util import sole_exception as sole_exception

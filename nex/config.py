@@ -102,6 +102,7 @@ class NodeConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     state_dir: str | None = None
     heartbeat_interval_ms: int = 30_000
     lameduck_deadline_ms: int = 600_000
+    bus_thread_affinity: Literal["colocate", "none"] = "colocate"
 
     def subnet(self) -> ipaddress.IPv4Network:
         return ipaddress.IPv4Network(self.cni.subnet)

@@ -33,6 +33,7 @@ from actors import ActorRef, ActorStopped, ChildSpec, MailboxFull, Message
 from nex import logs
 
 from .aio import AsyncioThread
+from .errors import reason
 
 log = logs.get("nex.bus")
 
@@ -113,6 +114,7 @@ class NatsLink:
         servers: NATS URLs.
         aio: the asyncio thread the client lives on.
         events: receives :data:`LinkEvent` messages, if given.
+        client_name: the connection name the server shows (``nex <name>`` by default).
         options: passed to ``nats.connect`` (credentials, ``name``, …).
     """
 
@@ -123,6 +125,7 @@ class NatsLink:
         aio: AsyncioThread,
         *,
         events: ActorRef[LinkEvent] | None = None,
+        client_name: str | None = None,
         reconnect_wait: float = 0.25,
         connect_timeout: float = 2.0,
         **options: Any,
@@ -131,6 +134,7 @@ class NatsLink:
         self.servers = servers
         self.aio = aio
         self.events = events
+        self.client_name = client_name or f"nex {name}"
         self.reconnect_wait = reconnect_wait
         self.connect_timeout = connect_timeout
         self.options = options
@@ -145,6 +149,7 @@ class NatsLink:
         self._tokens = itertools.count(1)
         self._replies: dict[str, _PendingReply] = {}
         self._reply_prefix = ""
+        self._last_error: Exception | None = None
 
     # -- the task ----------------------------------------------------------------------------------
 
@@ -156,7 +161,8 @@ class NatsLink:
             self._nc = await self.aio.run(self._connect)
         except Exception as exc:
             self.state = "failed"
-            raise LinkError(f"cannot connect to NATS at {', '.join(self.servers)}: {_reason(exc)}") from None
+            cause = reason(self._last_error or exc)  # nats-py's own error is a generic "no servers"
+            raise LinkError(f"cannot connect to NATS at {', '.join(self.servers)}: {cause}") from None
         try:
             self.state = "connected"
             self.url = self._connected_url()
@@ -273,21 +279,22 @@ class NatsLink:
     # -- the asyncio side ---------------------------------------------------------------------------
 
     async def _connect(self) -> Client:
-        # Connect once, failing fast; only then allow reconnects forever (nats-py would otherwise
-        # retry a first connection that can never succeed, forever).
+        # Try each server twice, then fail; only once connected allow reconnects forever. (With
+        # max_reconnect_attempts <= 0, nats-py retries even a first connection forever.)
+        self._last_error = None
         nc = await nats.connect(
             servers=self.servers,
-            allow_reconnect=False,
-            max_reconnect_attempts=-1,
+            max_reconnect_attempts=1,
             reconnect_time_wait=self.reconnect_wait,
             connect_timeout=self.connect_timeout,
             error_cb=self._on_error,
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
             drain_timeout=2,
+            name=self.client_name,
             **self.options,
         )
-        nc.options["allow_reconnect"] = True
+        nc.options["max_reconnect_attempts"] = -1
         self._reply_prefix = f"{nc.new_inbox()}."
 
         async def on_reply(msg: Msg) -> None:
@@ -306,7 +313,7 @@ class NatsLink:
 
         def done(task: asyncio.Future[None]) -> None:
             if not task.cancelled() and task.exception() is not None:
-                error = LinkError(f"cannot publish to {subject}: {_reason(task.exception())}")  # type: ignore[arg-type]
+                error = LinkError(f"cannot publish to {subject}: {reason(task.exception())}")  # type: ignore[arg-type]
                 self._from_asyncio_call(pending.fail, error)
 
         asyncio.ensure_future(nc.publish(subject, payload, reply, headers)).add_done_callback(done)
@@ -368,7 +375,8 @@ class NatsLink:
                 self._token.run_sync_soon(fn, *args)
 
     async def _on_error(self, error: Exception) -> None:
-        log.debug("NATS error", link=self.name, error=_reason(error))
+        self._last_error = error
+        log.debug("NATS error", link=self.name, error=reason(error))
 
     async def _on_disconnected(self) -> None:
         if self.state == "connected":
@@ -428,12 +436,3 @@ class _PendingReply:
 
 def _inbound(msg: Msg) -> InboundMsg:
     return InboundMsg(subject=msg.subject, data=msg.data, reply=msg.reply or "", headers=msg.headers or None)
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, (TimeoutError, nats.errors.TimeoutError)):
-        return "timed out"
-    text = str(exc) or type(exc).__name__
-    return text.removeprefix("nats: ")

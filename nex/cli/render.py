@@ -1,0 +1,111 @@
+"""How the CLI shows things: rich tables for people, JSON for programs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import msgspec
+from rich import box
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from nex.api import control
+
+LAMEDUCK_MARK = "*"
+
+
+def to_json(value: object) -> str:
+    return msgspec.json.format(msgspec.json.encode(value), indent=2).decode()
+
+
+def node_table(nodes: Sequence[control.PingResponse]) -> Table | Text:
+    """nex's "NATS Execution Nodes" table: ID (``*`` = lame duck), Name, Version, Uptime, Workloads."""
+    if not nodes:
+        return Text("No nodes discovered")
+    table = Table(title="NATS Execution Nodes", box=box.ROUNDED)
+    table.add_column(f"ID ({LAMEDUCK_MARK} = Lameduck Mode)", overflow="fold")
+    table.add_column("Name", no_wrap=True)
+    table.add_column("Version", no_wrap=True)
+    table.add_column("Uptime", justify="right", no_wrap=True)
+    table.add_column("Workloads", justify="right", no_wrap=True)
+    for node in nodes:
+        lameduck = node.tags.get("nex.lameduck") == "true"
+        table.add_row(
+            Text(node.node_id + (LAMEDUCK_MARK if lameduck else ""), style="yellow" if lameduck else ""),
+            node.tags.get("node_name", "no-name"),
+            node.version,
+            node.uptime,
+            str(node.running_machines),
+        )
+    return table
+
+
+def info_view(info: control.InfoResponse, node_id: str) -> Group:
+    """``nex info``: the node's facts, its memory, its machines and its actor tree."""
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="cyan", no_wrap=True)
+    facts.add_column()
+    lameduck = info.tags.get("nex.lameduck") == "true"
+    facts.add_row("Node", node_id + ("  (lame duck)" if lameduck else ""))
+    facts.add_row("Name", info.tags.get("node_name", "no-name"))
+    facts.add_row("Xkey", info.public_xkey)
+    facts.add_row("Version", info.version)
+    facts.add_row("Uptime", info.uptime)
+    facts.add_row("Workload types", ", ".join(info.supported_workload_types) or "-")
+    facts.add_row("Tags", ", ".join(f"{k}={v}" for k, v in sorted(info.tags.items())))
+    if info.memory is not None:
+        facts.add_row(
+            "Memory (kB)",
+            f"total {info.memory.total:,}  free {info.memory.free:,}  available {info.memory.available:,}",
+        )
+    parts: list[Table | Text] = [Text("NEX Node Information", style="bold cyan"), facts]
+    parts.append(_machines(info))
+    if info.actors:
+        parts.append(_actors(info.actors))
+    return Group(*parts)
+
+
+def _machines(info: control.InfoResponse) -> Table | Text:
+    if not info.machines and not info.pool:
+        return Text("No machines")
+    table = Table(title="Machines", box=box.SIMPLE_HEAD, title_justify="left")
+    for column in ("ID", "State", "Workload", "Namespace", "Uptime"):
+        table.add_column(column)
+    for machine in info.machines:
+        table.add_row(
+            machine.id,
+            "running",
+            machine.workload.name,
+            machine.namespace or "-",
+            machine.uptime,
+        )
+    for member in info.pool:
+        table.add_row(member.id, member.state, "-", "-", "-")
+    return table
+
+
+def _actors(rows: Sequence[control.ActorSummary]) -> Table:
+    table = Table(title="Actors", box=box.SIMPLE_HEAD, title_justify="left")
+    table.add_column("Name", no_wrap=True)
+    table.add_column("Kind")
+    table.add_column("State")
+    table.add_column("Mailbox", justify="right")
+    table.add_column("Restarts", justify="right")
+    for row in rows:
+        style = "" if row.state == "running" else "yellow"
+        table.add_row(
+            "  " * row.depth + row.name, row.kind, Text(row.state, style=style), row.mailbox or "-", str(row.restarts)
+        )
+    return table
+
+
+def console(*, stderr: bool = False) -> Console:
+    """A console for tables (stdout) or messages (stderr, never wrapped mid-line).
+
+    Not on a terminal, rich would assume 80 columns, too few for a node id and its neighbours;
+    piped output gets 160.
+    """
+    probe = Console(stderr=stderr)
+    width = None if probe.is_terminal else 160
+    return Console(stderr=stderr, highlight=False, soft_wrap=stderr, width=width)

@@ -1,0 +1,236 @@
+"""The node: its life from ``nex up`` to exit, and the supervision tree it runs.
+
+    node (supervisor, one_for_one)
+    ├── control-server   nats-server on 127.0.0.1:4222, only when nothing answered there
+    ├── control-link     the node's connection to the control NATS
+    ├── internal-server  nats-server for the agents (port 9222 by default, JetStream)
+    ├── internal-link    the node's connection to it
+    ├── pool             dynamic supervisor of the machines
+    ├── control-api      answers $NEX.* requests
+    ├── heartbeat        heartbeat events
+    └── lameduck         stops the node once lame duck has nothing left to wait for
+
+Start-up follows that order; each child is started only once the one before it is ready, then
+``node_started`` is published. The node then runs until it is asked to stop: SIGINT or SIGTERM, lame
+duck done, or the tree giving up. It then publishes ``node_stopped`` and stops the tree in reverse
+order; a second signal skips what is left of the graceful part, but the tree is still torn down.
+Exit codes: 0 after a requested stop, 1 when the node failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+from pathlib import Path
+
+import trio
+
+from actors import ChildSpec, DynamicSupervisor, StartFailed, Supervisor, TreeNode, sole_exception
+from nex import logs
+from nex.api import events
+from nex.bus.aio import AsyncioThread, open_asyncio_thread
+from nex.bus.link import NatsLink
+from nex.bus.server import NatsServer, free_port, nats_answers
+from nex.config import NodeConfig
+from nex.crypto import NodeIdentity
+
+from .control import ControlApi
+from .events import EventPublisher
+from .heartbeat import Heartbeat
+from .lameduck import LameDuckWatcher
+from .state import NodeState
+
+log = logs.get("nex.node")
+
+DEFAULT_CONTROL_HOST = "127.0.0.1"
+DEFAULT_CONTROL_PORT = 4222
+_START_HINTS = {
+    "control-link": " (check --server or NATS_URL, and that the server is up)",
+    "control-server": " (is another program using port 4222? give --server to use an existing NATS)",
+    "internal-server": " (is the internal port taken? set --internal-port, or 0 for any free port)",
+}
+
+
+class NodeError(Exception):
+    """The node cannot start; the message says what to do about it."""
+
+
+class Node:
+    """One node. :meth:`run` returns the process exit code."""
+
+    def __init__(
+        self, config: NodeConfig, *, state_dir: Path, server: str | None = None, ephemeral: bool = False
+    ) -> None:
+        self.config = config
+        self.state_dir = state_dir
+        self.server = server
+        self.ephemeral = ephemeral
+        self.root: Supervisor | None = None
+        self._graceful: trio.CancelScope | None = None
+        self._startup: trio.CancelScope | None = None
+        self._state: NodeState | None = None
+        self._tree_started = False
+
+    async def run(self) -> int:
+        """Run until stopped; raise :class:`NodeError` (one error, not a group) if the node cannot start."""
+        error: NodeError | None = None
+        try:
+            return await self._run()
+        except BaseExceptionGroup as group:
+            inner = sole_exception(group)
+            if not isinstance(inner, NodeError):
+                raise
+            error = inner
+        raise error  # outside the except: raised inside, the group would become its context
+
+    async def _run(self) -> int:
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise NodeError(f"cannot create the state directory {self.state_dir}: {exc.strerror}") from None
+        with _StateDirLock(self.state_dir):
+            identity = NodeIdentity.generate() if self.ephemeral else NodeIdentity.load_or_create(self.state_dir)
+            state = NodeState(identity, self.config)
+            self._state = state
+            log.info(
+                "Starting nex node",
+                node=state.node_id,
+                name=state.name,
+                version=state.version,
+                state_dir=str(self.state_dir),
+                identity="ephemeral" if self.ephemeral else "persistent",
+            )
+            log.info("Use this key as the recipient for encrypted run requests", public_xkey=identity.public_xkey)
+            colocate = self.config.bus_thread_affinity == "colocate"
+            async with open_asyncio_thread(colocate=colocate) as aio, trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_signals, state)
+                with trio.CancelScope() as startup:
+                    self._startup = startup
+                    publisher = await self._start_tree(nursery, state, aio)
+                    publisher.emit(
+                        events.NODE_STARTED,
+                        events.NodeStartedData(version=state.version, id=state.node_id, tags=state.tags()),
+                    )
+                    log.info("Node is ready", node=state.node_id, name=state.name)
+                self._startup = None
+                await state.stop_requested.wait()
+                log.info("Stopping node", reason=state.stop_reason)
+                if not startup.cancelled_caught:
+                    with trio.CancelScope() as self._graceful, trio.move_on_after(5):
+                        await publisher.emit_flushed(
+                            events.NODE_STOPPED,
+                            events.NodeStoppedData(id=state.node_id, graceful=state.failure is None),
+                        )
+                nursery.cancel_scope.cancel()
+            with contextlib.suppress(OSError):
+                (self.state_dir / "nats").rmdir()  # empty once the servers removed their files
+            if state.failure is not None:
+                log.error("Node stopped after a failure", error=str(state.failure))
+                return 1
+            log.info("Node stopped", node=state.node_id)
+            return 0
+
+    async def _start_tree(self, nursery: trio.Nursery, state: NodeState, aio: AsyncioThread) -> EventPublisher:
+        work_dir = self.state_dir / "nats"
+        children: list[ChildSpec] = []
+        control_url = await self._control_url()
+        if control_url is None:
+            control_server = NatsServer(
+                "control", host=DEFAULT_CONTROL_HOST, port=DEFAULT_CONTROL_PORT, work_dir=work_dir
+            )
+            control_url = control_server.url
+            log.info(
+                "No NATS server answered at the default address; starting an embedded one",
+                url=control_url,
+                store=str(control_server.store_dir),
+            )
+            children.append(control_server.child_spec())
+        internal_port = self.config.internal_node_port or free_port(DEFAULT_CONTROL_HOST)
+        internal_server = NatsServer("internal", host=DEFAULT_CONTROL_HOST, port=internal_port, work_dir=work_dir)
+        control_link = NatsLink("control", [control_url], aio, client_name=f"nex-node {state.node_id}")
+        internal_link = NatsLink("internal", [internal_server.url], aio, client_name=f"nex-node {state.node_id}")
+        publisher = EventPublisher(control_link, state.node_id)
+        pool = DynamicSupervisor("pool", max_children=max(1, self.config.machine_pool_size) * 64)
+
+        children += [
+            control_link.child_spec(),
+            internal_server.child_spec(),
+            internal_link.child_spec(),
+            pool.child_spec(),
+            ControlApi.spec(state, control_link, publisher, self._tree),
+            Heartbeat(state, publisher).child_spec(),
+            LameDuckWatcher(state).child_spec(),
+        ]
+        self.root = Supervisor("node", children, intensity=5, period=30)
+        try:
+            await nursery.start(self._supervise, self.root, state)
+        except StartFailed as exc:
+            hint = _START_HINTS.get(exc.child, "")
+            raise NodeError(f"{exc.child} failed to start: {exc.__cause__}{hint}") from None
+        self._tree_started = True
+        return publisher
+
+    def _tree(self) -> TreeNode:
+        assert self.root is not None
+        return self.root.tree()
+
+    async def _supervise(
+        self, root: Supervisor, state: NodeState, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        try:
+            await root.run(task_status=task_status)
+        except Exception as exc:
+            if not self._tree_started:
+                raise  # a failed start: _start_tree reports it
+            log.error("The supervision tree gave up", exc)
+            state.request_stop("supervision tree gave up", failure=exc)
+
+    async def _control_url(self) -> str | None:
+        """The control server's URL; None when the node must start its own."""
+        if self.server:
+            return self.server  # an explicit server never falls back to an embedded one
+        if await nats_answers(DEFAULT_CONTROL_HOST, DEFAULT_CONTROL_PORT):
+            return f"nats://{DEFAULT_CONTROL_HOST}:{DEFAULT_CONTROL_PORT}"
+        return None
+
+    async def _watch_signals(self, state: NodeState) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if not state.stop_requested.is_set():
+                    state.request_stop(f"received {name}")
+                    if self._startup is not None:
+                        self._startup.cancel()
+                    continue
+                log.warning("Second signal: stopping now (resources are still released)", signal=name)
+                if self._graceful is not None:
+                    self._graceful.cancel()
+
+
+class _StateDirLock:
+    """One node per state directory: an exclusive ``flock`` on ``node.lock`` holding the pid."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "node.lock"
+        self._fd = -1
+
+    def __enter__(self) -> _StateDirLock:
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self._fd)
+            raise NodeError(
+                f"another nex node (pid {holder}) is using {self.path.parent}; "
+                "stop it first, or give this node its own --state-dir"
+            ) from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.path.unlink(missing_ok=True)
+        os.close(self._fd)

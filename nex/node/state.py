@@ -1,0 +1,77 @@
+"""What the node knows about itself: identity, tags, uptime, lame duck, and how to ask it to stop.
+
+One :class:`NodeState` per node, created before the supervision tree and read by its actors (the
+control API answers from it, the heartbeat reports it). It is touched only from the Trio thread.
+Changes that matter to others happen through its methods (:meth:`NodeState.enter_lameduck`,
+:meth:`NodeState.request_stop`), which is where their rules live.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import trio
+
+from nex import __version__, sysinfo
+from nex.config import NodeConfig
+from nex.crypto import NodeIdentity
+
+
+class NodeState:
+    def __init__(self, identity: NodeIdentity, config: NodeConfig, *, version: str = __version__) -> None:
+        self.identity = identity
+        self.config = config
+        self.version = version
+        self.started = time.monotonic()
+        name = config.tags.get("node_name") or sysinfo.node_name(identity.node_id)
+        self._tags = {"node_name": name, **config.tags, **sysinfo.host_tags()}
+        if config.driver == "process":
+            self._tags["nex.unsafe"] = "true"  # workloads share the host kernel: nex's meaning of unsafe
+        self.lameduck = False
+        self.lameduck_deadline: float | None = None
+        self.lameduck_entered = trio.Event()
+        self._workloads_changed = trio.Event()
+        self.stop_requested = trio.Event()
+        self.stop_reason = ""
+        self.failure: BaseException | None = None
+        self.running_workloads: Callable[[], int] = lambda: 0
+
+    @property
+    def node_id(self) -> str:
+        return self.identity.node_id
+
+    @property
+    def name(self) -> str:
+        return self._tags["node_name"]
+
+    def tags(self) -> dict[str, str]:
+        """The node's tags as nex reports them, ``nex.lameduck`` included."""
+        return {**self._tags, "nex.lameduck": "true" if self.lameduck else "false"}
+
+    def uptime(self) -> str:
+        return sysinfo.format_uptime(time.monotonic() - self.started)
+
+    def enter_lameduck(self, deadline: float) -> bool:
+        """Refuse new work from now on; stop once idle or after ``deadline`` seconds. False if already in."""
+        if self.lameduck:
+            return False
+        self.lameduck = True
+        self.lameduck_deadline = trio.current_time() + deadline
+        self.lameduck_entered.set()
+        return True
+
+    def workloads_changed(self) -> None:
+        """Called by whoever starts or ends workloads: wakes :meth:`wait_workloads_changed`."""
+        self._workloads_changed.set()
+        self._workloads_changed = trio.Event()
+
+    async def wait_workloads_changed(self) -> None:
+        await self._workloads_changed.wait()
+
+    def request_stop(self, reason: str, failure: BaseException | None = None) -> None:
+        """Ask the node to stop (the first reason wins); ``failure`` makes the exit code non-zero."""
+        if not self.stop_requested.is_set():
+            self.stop_reason = reason
+            self.failure = failure
+            self.stop_requested.set()

