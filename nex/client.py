@@ -58,16 +58,25 @@ class NexClient:
     ) -> AsyncIterator[NexClient]:
         url = server or DEFAULT_SERVER
 
-        async def quiet(_: Exception) -> None:
-            return None
+        errors: list[Exception] = []
+
+        async def remember(error: Exception) -> None:
+            errors.append(error)
 
         try:
+            # One retry, quickly: nats-py's defaults would retry a first connection 60 times, 2 s apart.
             nc = await nats.connect(
-                url, name="nex-cli", allow_reconnect=False, connect_timeout=min(timeout, 5.0), error_cb=quiet
+                url,
+                name="nex-cli",
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0.1,
+                connect_timeout=min(timeout, 5.0),
+                error_cb=remember,
             )
         except Exception as exc:
             hint = "" if server else " (no node running? start one with `nex up`, or set --server / NATS_URL)"
-            raise NexError(f"cannot connect to NATS at {url}: {reason(exc)}{hint}") from None
+            cause = reason(errors[-1] if errors else exc)  # nats-py's own error is a generic "no servers"
+            raise NexError(f"cannot connect to NATS at {url}: {cause}{hint}") from None
         try:
             yield cls(nc, timeout=timeout, namespace=namespace)
         finally:
