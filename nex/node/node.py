@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -91,6 +92,7 @@ class Node:
         except OSError as exc:
             raise NodeError(f"cannot create the state directory {self.state_dir}: {exc.strerror}") from None
         with _StateDirLock(self.state_dir):
+            _clear_leftovers(self.state_dir / "nats")
             identity = NodeIdentity.generate() if self.ephemeral else NodeIdentity.load_or_create(self.state_dir)
             state = NodeState(identity, self.config)
             self._state = state
@@ -234,3 +236,12 @@ class _StateDirLock:
     def __exit__(self, *exc: object) -> None:
         self.path.unlink(missing_ok=True)
         os.close(self._fd)
+
+
+def _clear_leftovers(work_dir: Path) -> None:
+    """Remove what a node killed earlier left of its servers' files (we hold the state-dir lock)."""
+    if work_dir.exists():
+        leftovers = sorted(p.name for p in work_dir.iterdir())
+        shutil.rmtree(work_dir, ignore_errors=True)
+        if leftovers:
+            log.info("Removed files left by a node that did not stop cleanly", path=str(work_dir), files=leftovers)

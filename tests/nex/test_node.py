@@ -178,6 +178,7 @@ def test_sigkill_of_the_node_leaves_no_nats_server(home: Path, nats_server: Nats
     assert wait_gone([server_pid], timeout=10) == [], "the internal nats-server outlived its node"
     # the next start on the same state dir clears what the killed node could not
     again = NodeProcess(home, server=nats_server.url).start(bus)
+    assert "did not stop cleanly" in again.log()
     assert again.stop() == 0
 
 
