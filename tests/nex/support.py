@@ -32,6 +32,16 @@ from nex.bus.server import free_port, nats_server_binary
 T = TypeVar("T")
 NEX = shutil.which("nex") or str(Path(sys.executable).parent / "nex")
 
+#: nex's sample machineconfig.json, exactly as the seeds give it
+SEED_SAMPLE = {
+    "kernel_path": "/home/kevin/lab/firecracker/vmlinux-5.10",
+    "rootfs_path": "/home/kevin/lab/firecracker/rootfs.ext4",
+    "machine_pool_size": 1,
+    "cni": {"network_name": "fcnet", "interface_name": "veth0"},
+    "machine_template": {"vcpu_count": 1, "memsize_mib": 256},
+    "requester_public_keys": [],
+}
+
 
 class NatsServerProc:
     """A nats-server the test owns (the 'control' server an operator would run)."""

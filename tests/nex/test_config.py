@@ -10,14 +10,7 @@ import pytest
 
 from nex import config, crypto
 
-SEED_SAMPLE = {
-    "kernel_path": "/home/kevin/lab/firecracker/vmlinux-5.10",
-    "rootfs_path": "/home/kevin/lab/firecracker/rootfs.ext4",
-    "machine_pool_size": 1,
-    "cni": {"network_name": "fcnet", "interface_name": "veth0"},
-    "machine_template": {"vcpu_count": 1, "memsize_mib": 256},
-    "requester_public_keys": [],
-}
+from .support import SEED_SAMPLE
 
 
 def load(tmp_path: Path, data: Any, overrides: dict[str, Any] | None = None) -> config.LoadedConfig:

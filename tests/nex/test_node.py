@@ -19,7 +19,16 @@ import pytest
 
 from nex.api import control
 
-from .support import Bus, NatsServerProc, NodeProcess, processes_mentioning, run_cli, wait_for_port, wait_gone
+from .support import (
+    SEED_SAMPLE,
+    Bus,
+    NatsServerProc,
+    NodeProcess,
+    processes_mentioning,
+    run_cli,
+    wait_for_port,
+    wait_gone,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -242,16 +251,8 @@ def test_bad_config_exits_2_naming_the_path(home: Path, config: dict[str, object
 
 
 def test_the_seed_sample_config_loads_as_written(home: Path, nats_server: NatsServerProc, bus: Bus) -> None:
-    sample = {
-        "kernel_path": "/home/kevin/lab/firecracker/vmlinux-5.10",
-        "rootfs_path": "/home/kevin/lab/firecracker/rootfs.ext4",
-        "machine_pool_size": 1,
-        "cni": {"network_name": "fcnet", "interface_name": "veth0"},
-        "machine_template": {"vcpu_count": 1, "memsize_mib": 256},
-        "requester_public_keys": [],
-    }
     path = home / "machineconfig.json"
-    path.write_text(json.dumps(sample))
+    path.write_text(json.dumps(SEED_SAMPLE))
     node = NodeProcess(home, "--config", str(path), server=nats_server.url).start(bus)
     assert "unknown key" not in node.log()
     assert node.stop() == 0
