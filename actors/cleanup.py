@@ -205,6 +205,7 @@ class CleanupStack:
         *,
         kind: str = "resource",
         data: Mapping[str, JsonScalar] | None = None,
+        durable: bool = True,
     ) -> R:
         """Record, run ``create()`` shielded, register ``release(value)``, and return the value.
 
@@ -214,7 +215,7 @@ class CleanupStack:
         ``acquire_timeout`` it is cut off, ``trio.TooSlowError`` is raised, and the record stays on
         disk for :func:`recover`, since the resource may exist in part.
         """
-        path = self._record(name, kind, data)
+        path = self._record(name, kind, data, durable)
         value: R
         finished = False
         with trio.move_on_after(self.acquire_timeout, shield=True):
@@ -243,9 +244,14 @@ class CleanupStack:
         *,
         kind: str = "resource",
         data: Mapping[str, JsonScalar] | None = None,
+        durable: bool = True,
     ) -> None:
-        """Record and register an idempotent ``release()`` now, before the resource is created."""
-        path = self._record(name, kind, data)
+        """Record and register an idempotent ``release()`` now, before the resource is created.
+
+        ``durable=False``: no journal record, for what cannot outlive this process anyway (state in
+        memory, a child that dies with its parent).
+        """
+        path = self._record(name, kind, data, durable)
         self._entries.append(_Entry(name, release, path))
 
     async def aclose(self) -> None:
@@ -254,10 +260,10 @@ class CleanupStack:
         if failures:
             raise CleanupFailed(failures)
 
-    def _record(self, name: str, kind: str, data: Mapping[str, JsonScalar] | None) -> Path | None:
+    def _record(self, name: str, kind: str, data: Mapping[str, JsonScalar] | None, durable: bool) -> Path | None:
         if self._closed:
             raise RuntimeError(f"cleanup stack of {self.owner or 'an actor'} is closed; cannot acquire {name}")
-        if self.journal is None:
+        if self.journal is None or not durable:
             return None
         record = ResourceRecord(
             kind=kind,

@@ -2,11 +2,16 @@
 
 It starts empty; :meth:`DynamicSupervisor.start_child` adds a child and returns its started value,
 :meth:`DynamicSupervisor.terminate_child` stops one for good. Restarts are one-for-one, by each
-child's restart type, within the supervisor's intensity; on shutdown the children are stopped in
-reverse order of their start, each within its deadline.
+child's restart type, within the supervisor's intensity. On shutdown all children are stopped at
+once, each within its own deadline, in no defined order: as OTP's ``simple_one_for_one`` does,
+because a dynamic supervisor may have many children and stopping them one by one would add up.
 """
 
 from __future__ import annotations
+
+import functools
+
+import trio
 
 from .errors import TooManyChildren, UnknownChild
 from .spec import ChildSpec
@@ -28,6 +33,12 @@ class DynamicSupervisor(SupervisorBase):
     def __len__(self) -> int:
         """How many children are alive (starting, running or restarting)."""
         return sum(1 for child in self._children if child.state is not ChildState.STOPPED)
+
+    async def _shutdown_children(self) -> None:
+        children = list(self._children)
+        async with trio.open_nursery() as nursery:
+            for child in children:
+                nursery.start_soon(functools.partial(self._terminate, [child], final=True))
 
     async def start_child(self, spec: ChildSpec) -> object:
         """Start a child and return what it passed to ``started``; raise what its start raised.

@@ -168,7 +168,7 @@ class SupervisorBase:
             finally:
                 self._state = ChildState.STOPPING
                 with trio.CancelScope(shield=True):
-                    await self._terminate(reversed(self._children), final=True)
+                    await self._shutdown_children()
                 self._state = ChildState.FAILED if failure else ChildState.STOPPED
         if failure is not None:
             raise failure
@@ -177,6 +177,10 @@ class SupervisorBase:
 
     async def _start_initial(self) -> None:
         """Start the children known in advance, in order (none for a dynamic supervisor)."""
+
+    async def _shutdown_children(self) -> None:
+        """Stop every child for good: in reverse start order, one at a time (OTP)."""
+        await self._terminate(reversed(self._children), final=True)
 
     async def _restart(self, child: _Child, restarts: RestartIntensity) -> None:
         """Apply the strategy for ``child``, which must be restarted. One-for-one by default."""

@@ -6,7 +6,7 @@ but each hand-off then costs cross-core wake-ups: measured on a 2-core VM, a bar
 round trip took 119 µs across cores and 25 µs on one core, and a NATS request through the bridge went
 from 1.75× to 1.2× the cost of plain nats-py. So the node pins both threads to the core it started on
 (see ``bus_thread_affinity`` in the config), and every child process gets the full original CPU set
-back (:func:`restore_in_child`), so servers and agents still use every core.
+back (:func:`unpin_current`), so servers and agents still use every core.
 """
 
 from __future__ import annotations
@@ -29,6 +29,6 @@ def pin_current_thread(cpu: int) -> None:
     os.sched_setaffinity(0, {cpu})
 
 
-def restore_in_child() -> None:
-    """In a forked child before exec: undo any pinning inherited from the forking thread."""
+def unpin_current() -> None:
+    """Give the calling thread (or a forked child before exec) every CPU again: undo inherited pinning."""
     os.sched_setaffinity(0, ORIGINAL)

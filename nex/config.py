@@ -103,6 +103,7 @@ class NodeConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     heartbeat_interval_ms: int = 30_000
     lameduck_deadline_ms: int = 600_000
     bus_thread_affinity: Literal["colocate", "none"] = "colocate"
+    agent_launcher: Literal["zygote", "spawn"] = "zygote"
 
     def subnet(self) -> ipaddress.IPv4Network:
         return ipaddress.IPv4Network(self.cni.subnet)

@@ -31,15 +31,22 @@ _prctl = _libc.prctl
 _prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 
 
-def _die_with(parent: int) -> None:
+CLONE_NEWNET = 0x40000000
+_setns = _libc.setns
+
+
+def _prepare_child(parent: int, netns_fd: int) -> None:
     """Runs in the child between fork and exec: arm the death signal, then check the parent lives.
 
-    Also gives the child every CPU back: the node pins its own threads (see :mod:`nex.affinity`).
+    Also gives the child every CPU back (the node pins its own threads, see :mod:`nex.affinity`),
+    and enters the machine's network namespace when there is one.
     """
-    affinity.restore_in_child()
+    affinity.unpin_current()
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:  # the parent died before the signal was armed
         os._exit(1)
+    if netns_fd >= 0 and _setns(netns_fd, CLONE_NEWNET) != 0:
+        os._exit(126)
 
 
 class ChildProcess:
@@ -105,18 +112,30 @@ def spawn(
     cwd: Path | None = None,
     stdout: int | None = subprocess.DEVNULL,
     stderr: int | None = subprocess.DEVNULL,
+    netns: Path | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> ChildProcess:
-    """Start ``argv`` tied to this process's life (see the module docstring). Call from the Trio thread."""
+    """Start ``argv`` tied to this process's life (see the module docstring). Call from the Trio thread.
+
+    ``netns``: a network namespace (``/run/netns/…``) the child enters before exec.
+    ``pass_fds``: descriptors the child keeps (every other one is closed).
+    """
     parent = os.getpid()
-    popen = subprocess.Popen(
-        list(argv),
-        env=dict(env) if env is not None else None,
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        stdout=stdout,
-        stderr=stderr,
-        preexec_fn=lambda: _die_with(parent),
-        process_group=0,
-        close_fds=True,
-    )
+    netns_fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC) if netns is not None else -1
+    try:
+        popen = subprocess.Popen(
+            list(argv),
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            preexec_fn=lambda: _prepare_child(parent, netns_fd),
+            process_group=0,
+            close_fds=True,
+            pass_fds=tuple(pass_fds),
+        )
+    finally:
+        if netns_fd >= 0:
+            os.close(netns_fd)
     return ChildProcess(popen, argv)

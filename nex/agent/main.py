@@ -1,26 +1,168 @@
-"""``nex-agent``: entry point of the agent inside a machine."""
+"""``nex-agent``: the program inside each machine.
+
+It learns its machine id and how to reach its node from its metadata (the environment, for the
+process driver), connects to the node's internal NATS server with its own credentials, says hello on
+``agentint.{vmid}.handshake``, and then answers ``ping`` and waits for a workload. It exits with 0 on
+``undeploy`` or SIGTERM, and on its own when its node is gone (the connection cannot be restored).
+
+The zygote (:mod:`nex.vm.zygote`) imports this module once and forks a child per machine that calls
+:func:`run_from_env`; ``nex-agent`` (or ``python -m nex.agent``) does the same in a fresh process.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import datetime
+import os
+import signal
 import sys
 
-from cyclopts import App
+import msgspec
+import nats
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
 
-from nex import __version__
+from nex.api import agent as api
 
-app = App(
-    name="nex-agent",
-    help="The nex agent: runs inside a machine and executes one workload.",
-    version=__version__,
-)
+HANDSHAKE_ATTEMPTS = 10
+HANDSHAKE_TIMEOUT = 0.5
+RECONNECT_ATTEMPTS = 20  # × RECONNECT_WAIT: how long an agent outlives a silent node
+RECONNECT_WAIT = 0.25
 
 
-@app.default
-def run() -> int:
-    """Connect to the node's internal NATS server and wait for a workload (not built yet)."""
-    print("nex-agent: the agent is not built yet (see the open issues).", file=sys.stderr)
-    return 1
+class MetadataError(Exception):
+    """The agent's metadata is missing or malformed."""
+
+
+def metadata_from_env(env: os._Environ[str] | dict[str, str] = os.environ) -> api.MachineMetadata:
+    missing = [name for name in (api.ENV_VMID, api.ENV_HOST, api.ENV_PORT) if not env.get(name)]
+    if missing:
+        raise MetadataError(f"missing machine metadata in the environment: {', '.join(missing)}")
+    try:
+        port = int(env[api.ENV_PORT])
+    except ValueError:
+        raise MetadataError(f"{api.ENV_PORT} must be a port number, not {env[api.ENV_PORT]!r}") from None
+    return api.MachineMetadata(
+        vmid=env[api.ENV_VMID],
+        node_nats_host=env[api.ENV_HOST],
+        node_nats_port=port,
+        node_nats_nkey=env.get(api.ENV_SEED, ""),
+    )
+
+
+def log(message: str) -> None:
+    stamp = datetime.datetime.now().strftime("%H:%M:%S.%f")[:-3]
+    print(f"{stamp} agent: {message}", file=sys.stderr, flush=True)
+
+
+async def run(meta: api.MachineMetadata) -> int:
+    """Serve as ``meta.vmid``'s agent until undeployed, signalled, or orphaned; the exit code."""
+    loop = asyncio.get_running_loop()
+    finished = asyncio.Event()
+    exit_code = 0
+
+    def stop(code: int) -> None:
+        nonlocal exit_code
+        exit_code = code
+        finished.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop, 0)
+
+    async def quiet(_: Exception) -> None:
+        return None
+
+    async def closed() -> None:
+        if not finished.is_set():
+            log("lost the node (its NATS server is gone); exiting")
+            stop(0)
+
+    options: dict[str, object] = {}
+    if meta.node_nats_nkey:
+        options["nkeys_seed_str"] = meta.node_nats_nkey
+    url = f"nats://{meta.node_nats_host}:{meta.node_nats_port}"
+    try:
+        nc = await nats.connect(
+            url,
+            name=f"nex-agent {meta.vmid}",
+            inbox_prefix=api.inbox_prefix(meta.vmid),
+            max_reconnect_attempts=RECONNECT_ATTEMPTS,
+            reconnect_time_wait=RECONNECT_WAIT,
+            connect_timeout=2,
+            no_echo=True,
+            error_cb=quiet,
+            closed_cb=closed,
+            **options,
+        )
+    except Exception as exc:
+        log(f"cannot connect to the node at {url}: {exc!r}")
+        return 1
+
+    async def on_ping(msg: Msg) -> None:
+        await msg.respond(b"OK")
+
+    async def on_undeploy(msg: Msg) -> None:
+        await msg.respond(b"")
+        log("undeployed")
+        stop(0)
+
+    async def on_deploy(msg: Msg) -> None:
+        reply = api.DeployResponse(accepted=False, message="this agent does not run workloads yet")
+        await msg.respond(msgspec.json.encode(reply))
+
+    await nc.subscribe(api.ping(meta.vmid), cb=on_ping)
+    await nc.subscribe(api.undeploy(meta.vmid), cb=on_undeploy)
+    await nc.subscribe(api.deploy(meta.vmid), cb=on_deploy)
+    if not await handshake(nc, meta.vmid):
+        await nc.close()
+        return 1
+    log(f"handshake accepted by the node at {url}")
+    await finished.wait()
+    if not nc.is_closed:
+        try:
+            await asyncio.wait_for(nc.drain(), 2)
+        except Exception:
+            await nc.close()
+    return exit_code
+
+
+async def handshake(nc: Client, vmid: str) -> bool:
+    request = msgspec.json.encode(
+        api.HandshakeRequest(
+            id=vmid,
+            start_time=datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z"),
+            message="Host-supplied metadata",
+        )
+    )
+    for attempt in range(1, HANDSHAKE_ATTEMPTS + 1):
+        try:
+            await nc.request(api.handshake(vmid), request, timeout=HANDSHAKE_TIMEOUT)
+            return True
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
+            log(f"handshake attempt {attempt} failed: {type(exc).__name__}")
+            await asyncio.sleep(0.05)
+    log(f"the node did not accept the handshake after {HANDSHAKE_ATTEMPTS} attempts")
+    return False
+
+
+def run_from_env() -> int:
+    """Read the metadata from the environment and serve; the process's exit code."""
+    try:
+        meta = metadata_from_env()
+    except MetadataError as exc:
+        log(str(exc))
+        return 2
+    return asyncio.run(run(meta))
 
 
 def main() -> None:
-    app()
+    # ``--machine DIR`` may follow: it only shows in ps whose agent this is
+    if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help"):
+        print(
+            "nex-agent: runs inside a machine and executes one workload for its node.\n\n"
+            f"Reads its metadata from the environment: {api.ENV_VMID}, {api.ENV_HOST}, {api.ENV_PORT},\n"
+            f"{api.ENV_SEED} (its nkey seed). The node starts it; there is nothing to run by hand."
+        )
+        return
+    sys.exit(run_from_env())

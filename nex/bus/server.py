@@ -13,10 +13,12 @@ from __future__ import annotations
 import collections
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import sysconfig
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -28,6 +30,7 @@ from nex import logs, proc
 log = logs.get("nex.bus")
 
 READY_LINE = b"Server is ready"
+RELOADED_LINE = b"Reloaded server configuration"
 
 
 class ServerFailed(Exception):
@@ -78,7 +81,8 @@ class NatsServer:
         host, port: where it listens; port 0 picks a free port once and keeps it across restarts.
         work_dir: holds ``{name}.conf`` and the JetStream store ``{name}/``; removed on a graceful stop.
         jetstream: enable JetStream.
-        extra_config: appended to the generated config (accounts, authorization).
+        extra_config: called at every (re)start and :meth:`reload`; its text is appended to the
+            generated config (authorization), so a restarted server has the current users.
     """
 
     def __init__(
@@ -89,7 +93,7 @@ class NatsServer:
         port: int,
         work_dir: Path,
         jetstream: bool = True,
-        extra_config: str = "",
+        extra_config: Callable[[], str] = lambda: "",
     ) -> None:
         self.name = name
         self.host = host
@@ -97,6 +101,9 @@ class NatsServer:
         self.work_dir = work_dir
         self.jetstream = jetstream
         self.extra_config = extra_config
+        self.reloads = 0
+        self._reloaded = trio.Event()
+        self._child: proc.ChildProcess | None = None
         self.pid: int | None = None
         self.starts = 0
         self._ready = False
@@ -124,9 +131,28 @@ class NatsServer:
         ]
         if self.jetstream:
             lines.append(f"jetstream {{ store_dir: {_quoted(str(self.store_dir))} }}")
-        if self.extra_config:
-            lines.append(self.extra_config)
+        extra = self.extra_config()
+        if extra:
+            lines.append(extra)
         return "\n".join(lines) + "\n"
+
+    async def reload(self, timeout: float = 10.0) -> None:
+        """Rewrite the config and have the running server apply it; return once it has.
+
+        Raises:
+            ServerFailed: the server did not confirm within ``timeout`` (a config it rejected).
+        """
+        self.config_path.write_text(self.render_config())
+        child = self._child
+        if child is None or child.returncode is not None:
+            return  # not running: the next start reads the new file
+        done = self._reloaded
+        child.signal(signal.SIGHUP)
+        with trio.move_on_after(timeout):
+            await done.wait()
+            self.reloads += 1
+            return
+        raise ServerFailed(f"nats-server ({self.name}) did not apply its new config: {self._last_error()}")
 
     async def run(self, *, task_status: trio.TaskStatus[NatsServer] = trio.TASK_STATUS_IGNORED) -> None:
         if self.port == 0:
@@ -137,6 +163,7 @@ class NatsServer:
         self._tail.clear()
         self._ready = False
         child = proc.spawn([str(nats_server_binary()), "-c", str(self.config_path)], stderr=subprocess.PIPE)
+        self._child = child
         self.pid = child.pid
         self.starts += 1
         graceful = False
@@ -171,6 +198,7 @@ class NatsServer:
         finally:
             with trio.CancelScope(shield=True):
                 await child.stop(grace=5.0)
+            self._child = None
             self.pid = None
             if graceful:
                 shutil.rmtree(self.store_dir, ignore_errors=True)
@@ -190,6 +218,9 @@ class NatsServer:
                     if READY_LINE in raw:
                         self._ready = True
                         settled.set()
+                    elif RELOADED_LINE in raw:
+                        self._reloaded.set()
+                        self._reloaded = trio.Event()
         finally:
             settled.set()
 

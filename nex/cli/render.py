@@ -70,18 +70,12 @@ def _machines(info: control.InfoResponse) -> Table | Text:
     if not info.machines and not info.pool:
         return Text("No machines")
     table = Table(title="Machines", box=box.SIMPLE_HEAD, title_justify="left")
-    for column in ("ID", "State", "Workload", "Namespace", "Uptime"):
-        table.add_column(column)
+    for column in ("ID", "State", "IP", "Workload", "Namespace", "Uptime"):
+        table.add_column(column, no_wrap=True)
     for machine in info.machines:
-        table.add_row(
-            machine.id,
-            "running",
-            machine.workload.name,
-            machine.namespace or "-",
-            machine.uptime,
-        )
+        table.add_row(machine.id, "running", "-", machine.workload.name, machine.namespace or "-", machine.uptime)
     for member in info.pool:
-        table.add_row(member.id, member.state, "-", "-", "-")
+        table.add_row(member.id, f"{member.state} (warm pool)", member.ip or "-", "-", "-", "-")
     return table
 
 

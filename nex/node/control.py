@@ -28,19 +28,30 @@ class ControlApi(Actor[InboundMsg]):
     """Subscribes to the node's ``$NEX.*`` subjects and answers them from :class:`NodeState`."""
 
     def __init__(
-        self, state: NodeState, link: NatsLink, publisher: EventPublisher, tree: Callable[[], TreeNode]
+        self,
+        state: NodeState,
+        link: NatsLink,
+        publisher: EventPublisher,
+        tree: Callable[[], TreeNode],
+        pool: Callable[[], list[control.PoolMember]],
     ) -> None:
         self.state = state
         self.link = link
         self.publisher = publisher
         self.tree = tree
+        self.pool = pool
 
     @classmethod
     def spec(
-        cls, state: NodeState, link: NatsLink, publisher: EventPublisher, tree: Callable[[], TreeNode]
+        cls,
+        state: NodeState,
+        link: NatsLink,
+        publisher: EventPublisher,
+        tree: Callable[[], TreeNode],
+        pool: Callable[[], list[control.PoolMember]],
     ) -> ChildSpec:
         mailbox = Mailbox[InboundMsg](256, Overflow.FAIL, name="control-api")  # the link counts drops
-        return actor_spec(lambda: cls(state, link, publisher, tree), mailbox)
+        return actor_spec(lambda: cls(state, link, publisher, tree, pool), mailbox)
 
     async def on_start(self) -> None:
         for subject in subjects.node_subscriptions(self.state.node_id):
@@ -102,6 +113,7 @@ class ControlApi(Actor[InboundMsg]):
             machines=[],
             supported_workload_types=[t for t in self.state.config.workload_types if t in ("native", "elf")],
             node_id=self.state.node_id,
+            pool=self.pool(),
             actors=flatten(self.tree()),
         )
 

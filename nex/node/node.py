@@ -5,7 +5,10 @@
     ├── control-link     the node's connection to the control NATS
     ├── internal-server  nats-server for the agents (port 9222 by default, JetStream)
     ├── internal-link    the node's connection to it
-    ├── pool             dynamic supervisor of the machines
+    ├── zygote           the fork server agents are started from (unless agent_launcher is spawn)
+    ├── handshakes       answers agents' hellos
+    ├── machines         dynamic supervisor: one actor per machine
+    ├── pool             keeps machine_pool_size machines warm
     ├── control-api      answers $NEX.* requests
     ├── heartbeat        heartbeat events
     └── lameduck         stops the node once lame duck has nothing left to wait for
@@ -28,19 +31,38 @@ from pathlib import Path
 
 import trio
 
-from actors import ChildSpec, DynamicSupervisor, StartFailed, Supervisor, TreeNode, sole_exception
+from actors import (
+    ChildSpec,
+    DynamicSupervisor,
+    Journal,
+    ResourceRecord,
+    StartFailed,
+    Supervisor,
+    TreeNode,
+    recover,
+    sole_exception,
+)
 from nex import logs
-from nex.api import events
+from nex.api import control, events
 from nex.bus.aio import AsyncioThread, open_asyncio_thread
+from nex.bus.credentials import AgentCredentials
 from nex.bus.link import NatsLink
 from nex.bus.server import NatsServer, free_port, nats_answers
 from nex.config import NodeConfig
 from nex.crypto import NodeIdentity
+from nex.net import netns
+from nex.net.network import Networks
+from nex.vm.drivers.process import ProcessDriver
+from nex.vm.handshake import HandshakeBook, Handshakes
+from nex.vm.launcher import SpawnLauncher, ZygoteLauncher
+from nex.vm.machine import MachineDeps
+from nex.vm.pool import Pool
 
 from .control import ControlApi
 from .events import EventPublisher
 from .heartbeat import Heartbeat
 from .lameduck import LameDuckWatcher
+from .progress import FillProgress
 from .state import NodeState
 
 log = logs.get("nex.node")
@@ -73,6 +95,10 @@ class Node:
         self._startup: trio.CancelScope | None = None
         self._state: NodeState | None = None
         self._tree_started = False
+        self._networks: Networks | None = None
+        self._journal = Journal(state_dir / "journal")
+        self._progress = FillProgress()
+        self._pool: Pool | None = None
 
     async def run(self) -> int:
         """Run until stopped; raise :class:`NodeError` (one error, not a group) if the node cannot start."""
@@ -93,6 +119,8 @@ class Node:
             raise NodeError(f"cannot create the state directory {self.state_dir}: {exc.strerror}") from None
         with _StateDirLock(self.state_dir):
             _clear_leftovers(self.state_dir / "nats")
+            self._networks = self._plan_networks()
+            await self._recover()
             identity = NodeIdentity.generate() if self.ephemeral else NodeIdentity.load_or_create(self.state_dir)
             state = NodeState(identity, self.config)
             self._state = state
@@ -126,8 +154,10 @@ class Node:
                             events.NodeStoppedData(id=state.node_id, graceful=state.failure is None),
                         )
                 nursery.cancel_scope.cancel()
-            with contextlib.suppress(OSError):
-                (self.state_dir / "nats").rmdir()  # empty once the servers removed their files
+            for leftover in (self.state_dir / "nats", self.state_dir / "journal"):
+                with contextlib.suppress(OSError):
+                    leftover.rmdir()  # empty once the servers and machines removed their files
+            _remove_empty_dirs(self.state_dir / "vm")
             if state.failure is not None:
                 log.error("Node stopped after a failure", error=str(state.failure))
                 return 1
@@ -149,34 +179,114 @@ class Node:
                 store=str(control_server.store_dir),
             )
             children.append(control_server.child_spec())
+        networks = self._networks
+        assert networks is not None
         internal_port = self.config.internal_node_port or free_port(DEFAULT_CONTROL_HOST)
-        internal_server = NatsServer("internal", host=DEFAULT_CONTROL_HOST, port=internal_port, work_dir=work_dir)
+        credentials = AgentCredentials()
+        internal_server = NatsServer(
+            "internal",
+            # agents in namespaces reach it through their gateway (.1 on every host veth); it requires
+            # credentials from everyone
+            host="0.0.0.0" if networks.namespaced else DEFAULT_CONTROL_HOST,
+            port=internal_port,
+            work_dir=work_dir,
+            extra_config=credentials.render,
+        )
+        credentials.attach(internal_server)
         control_link = NatsLink("control", [control_url], aio, client_name=f"nex-node {state.node_id}")
-        internal_link = NatsLink("internal", [internal_server.url], aio, client_name=f"nex-node {state.node_id}")
+        internal_link = NatsLink(
+            "internal",
+            [f"nats://{DEFAULT_CONTROL_HOST}:{internal_port}"],
+            aio,
+            client_name=f"nex-node {state.node_id}",
+            nkeys_seed_str=credentials.node_seed,
+        )
         publisher = EventPublisher(control_link, state.node_id)
-        pool = DynamicSupervisor("pool", max_children=max(1, self.config.machine_pool_size) * 64)
+        launcher: ZygoteLauncher | SpawnLauncher = (
+            ZygoteLauncher(self.state_dir) if self.config.agent_launcher == "zygote" else SpawnLauncher()
+        )
+        book = HandshakeBook()
+        machines = DynamicSupervisor("machines")
+        deps = MachineDeps(
+            driver=ProcessDriver(networks, launcher),
+            credentials=credentials,
+            handshakes=book,
+            vm_root=self.state_dir / "vm" / "system" / state.name,
+            journal=self._journal,
+            agent_host=networks.agent_host,
+            agent_port=internal_port,
+            handshake_timeout=self.config.agent_handshake_timeout_ms / 1000,
+        )
+        self._progress = FillProgress()
+        pool = Pool(state, machines, deps, size=self.config.machine_pool_size, progress=self._progress)
+        self._pool = pool
+
+        def pool_view() -> list[control.PoolMember]:
+            return [control.PoolMember(id=e.vmid, state=e.state, ip=e.ip) for e in pool.entries()]
 
         children += [
             control_link.child_spec(),
             internal_server.child_spec(),
             internal_link.child_spec(),
-            pool.child_spec(),
-            ControlApi.spec(state, control_link, publisher, self._tree),
+            *([launcher.child_spec()] if isinstance(launcher, ZygoteLauncher) else []),
+            Handshakes.spec(internal_link, book.waiting),
+            machines.child_spec(),
+            Pool.spec(pool),
+            ControlApi.spec(state, control_link, publisher, self._tree, pool_view),
             Heartbeat(state, publisher).child_spec(),
             LameDuckWatcher(state).child_spec(),
         ]
+        log.info(
+            "Machines",
+            driver="process",
+            network="own namespace per machine" if networks.namespaced else "host loopback",
+            agents="zygote (pre-imported fork server)" if isinstance(launcher, ZygoteLauncher) else "new process each",
+            pool_size=self.config.machine_pool_size,
+        )
         self.root = Supervisor("node", children, intensity=5, period=30)
         try:
             await nursery.start(self._supervise, self.root, state)
         except StartFailed as exc:
             hint = _START_HINTS.get(exc.child, "")
             raise NodeError(f"{exc.child} failed to start: {exc.__cause__}{hint}") from None
+        finally:
+            self._progress.close()
         self._tree_started = True
         return publisher
 
     def _tree(self) -> TreeNode:
         assert self.root is not None
         return self.root.tree()
+
+    def _plan_networks(self) -> Networks:
+        namespaced = netns.has_capabilities()
+        if not namespaced:
+            log.warning(
+                "Machines will share the host's loopback network: this process lacks CAP_NET_ADMIN and "
+                "CAP_SYS_ADMIN (run the node as root to give each machine its own network namespace)"
+            )
+        return Networks(self.config, namespaced=namespaced)
+
+    async def _recover(self) -> None:
+        """Release what a node that did not stop cleanly left behind (we hold the state-dir lock)."""
+        networks = self._networks
+        assert networks is not None
+
+        async def drop_netns(record: ResourceRecord) -> None:
+            await trio.to_thread.run_sync(netns.delete, str(record.data["netns"]), str(record.data["host_link"]))
+
+        async def drop_lease(record: ResourceRecord) -> None:
+            await networks.release(str(record.data["owner"]))
+
+        async def drop_dir(record: ResourceRecord) -> None:
+            await trio.to_thread.run_sync(shutil.rmtree, str(record.data["path"]), True)
+
+        released = await recover(self._journal, {"netns": drop_netns, "lease": drop_lease, "dir": drop_dir})
+        if released:
+            log.info(
+                "Released what a node that did not stop cleanly left behind",
+                resources=", ".join(f"{r.kind} {r.name}" for r in released),
+            )
 
     async def _supervise(
         self, root: Supervisor, state: NodeState, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -245,3 +355,14 @@ def _clear_leftovers(work_dir: Path) -> None:
         shutil.rmtree(work_dir, ignore_errors=True)
         if leftovers:
             log.info("Removed files left by a node that did not stop cleanly", path=str(work_dir), files=leftovers)
+
+
+def _remove_empty_dirs(root: Path) -> None:
+    """Remove ``root`` and the directories under it that are (then) empty, deepest first."""
+    if not root.is_dir():
+        return
+    for path in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            path.rmdir()
+    with contextlib.suppress(OSError):
+        root.rmdir()

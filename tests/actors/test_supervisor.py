@@ -375,7 +375,24 @@ async def test_dynamic_supervisor_starts_limits_restarts_and_stops_children(
         await dyn.start_child(h.spec("m5"))
         await dyn.start_child(h.spec("m6"))
         nursery.cancel_scope.cancel()
-    assert h.events()[-3:] == [("stop", "m6"), ("stop", "m5"), ("stop", "m1")]
+    assert sorted(h.events()[-3:]) == [("stop", "m1"), ("stop", "m5"), ("stop", "m6")]
+
+
+async def test_dynamic_supervisor_stops_its_children_in_parallel(autojump_clock: MockClock) -> None:
+    """Like OTP's simple_one_for_one: many children, so they all stop at once, each within its deadline."""
+    h = Harness()
+    h.stop_takes = {f"m{i}": 2.0 for i in range(5)} | {"slow": 30.0}
+    dyn = DynamicSupervisor("machines")
+    async with trio.open_nursery() as nursery:
+        await start_tree(nursery, dyn)
+        for i in range(5):
+            await dyn.start_child(h.spec(f"m{i}", shutdown=5))
+        await dyn.start_child(h.spec("slow", shutdown=3))
+        await trio.sleep_until(10)
+        nursery.cancel_scope.cancel()
+    stops = {child: at for event, child, at in h.log if event == "stop"}
+    assert {stops[f"m{i}"] for i in range(5)} == {12.0}, "all stopped together, not one after another"
+    assert dyn.overruns == ["slow"]
 
 
 async def test_dynamic_supervisor_refuses_children_when_not_running(autojump_clock: MockClock) -> None:

@@ -1,0 +1,69 @@
+"""The node↔agent protocol on the internal NATS server (reference §4), as nex v0.2 defines it.
+
+Subjects are ``agentint.{vmid}.*``: the agent requests ``handshake`` once connected and answers
+``ping`` (with ``OK``), ``deploy`` and ``undeploy``; it publishes ``events.{type}`` and ``logs``.
+Each agent connects with its own nkey user, allowed only its own ``agentint.{vmid}.>`` subjects and
+its own reply inbox ``_INBOX_{vmid}.>`` (and to answer requests it receives).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+PREFIX = "agentint"
+
+#: how the process driver hands an agent its metadata (nex's no-sandbox names, v0.2.7)
+ENV_VMID = "NEX_WORKLOADID"
+ENV_HOST = "NEX_NODE_NATS_HOST"
+ENV_PORT = "NEX_NODE_NATS_PORT"
+ENV_SEED = "NEX_NODE_NATS_NKEY_SEED"
+ENV_SANDBOX = "NEX_SANDBOX"
+
+
+def subject(vmid: str, verb: str) -> str:
+    return f"{PREFIX}.{vmid}.{verb}"
+
+
+def handshake(vmid: str) -> str:
+    return subject(vmid, "handshake")
+
+
+def ping(vmid: str) -> str:
+    return subject(vmid, "ping")
+
+
+def deploy(vmid: str) -> str:
+    return subject(vmid, "deploy")
+
+
+def undeploy(vmid: str) -> str:
+    return subject(vmid, "undeploy")
+
+
+def inbox_prefix(vmid: str) -> str:
+    """The agent's own reply-inbox prefix, so its credentials need not cover anyone else's replies."""
+    return f"_INBOX_{vmid}"
+
+
+ALL_HANDSHAKES = f"{PREFIX}.*.handshake"
+
+
+class MachineMetadata(msgspec.Struct, omit_defaults=True):
+    """What an agent needs to find its node (MMDS for VMs, the environment for processes)."""
+
+    vmid: str
+    node_nats_host: str
+    node_nats_port: int
+    node_nats_nkey: str = ""
+    message: str = "Host-supplied metadata"
+
+
+class HandshakeRequest(msgspec.Struct, omit_defaults=True):
+    id: str
+    start_time: str
+    message: str = ""
+
+
+class DeployResponse(msgspec.Struct, omit_defaults=True):
+    accepted: bool
+    message: str | None = None

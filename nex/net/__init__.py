@@ -1,0 +1,1 @@
+"""Host networking for machines: namespaces, veth pairs, address leases."""

@@ -1,0 +1,137 @@
+"""A machine's network: its own namespace joined to the host by a veth pair (the CNI ``ptp`` topology).
+
+    host                                  netns nx<hash>
+    nx<hash>h  192.168.127.1/32  <─veth─>  veth0  192.168.127.N/24, default via .1
+    route 192.168.127.N/32 dev nx<hash>h   lo up
+
+Every host-side object is named ``nx…`` and fits IFNAMSIZ. These are blocking functions for a worker
+thread (see :mod:`nex.net.network`). Creating the namespace is done with ``unshare`` and a bind mount
+in that thread rather than through pyroute2's helpers, which fork a process for each namespace: a
+machine's network takes about 5 ms this way against 15 ms (measured on a 2-core VM).
+
+Deleting is idempotent. The host end of the veth is deleted explicitly: unmounting the namespace
+alone leaves the kernel to destroy the pair later, asynchronously.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from nex import affinity
+
+NETNS_DIR = Path("/run/netns")
+CLONE_NEWNET = 0x40000000
+MS_BIND = 4096
+MNT_DETACH = 2
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass(frozen=True)
+class MachineNetwork:
+    """The network of one machine."""
+
+    netns: str
+    host_link: str
+    guest_link: str
+    address: str
+    prefixlen: int
+    gateway: str
+
+    @property
+    def netns_path(self) -> Path:
+        return NETNS_DIR / self.netns
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"{what}: {os.strerror(code)}")
+
+
+def create(net: MachineNetwork) -> None:
+    """Make the namespace, the veth pair and both ends' addresses and routes (blocking)."""
+    affinity.unpin_current()  # this worker thread may run on any CPU, unlike the node's own two
+    NETNS_DIR.mkdir(parents=True, exist_ok=True)
+    host_ns = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+        try:
+            fd = os.open(net.netns_path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o444)
+            os.close(fd)
+            _check(
+                _libc.mount(b"/proc/thread-self/ns/net", str(net.netns_path).encode(), None, MS_BIND, None),
+                "bind-mount the netns",
+            )
+            with IPRoute() as ipr:  # opened inside the new namespace
+                ipr.link(
+                    "add", ifname=net.guest_link, kind="veth", peer={"ifname": net.host_link, "net_ns_fd": host_ns}
+                )
+                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+                guest = ipr.link_lookup(ifname=net.guest_link)[0]
+                ipr.addr("add", index=guest, address=net.address, prefixlen=net.prefixlen)
+                ipr.link("set", index=guest, state="up")
+                ipr.route("add", dst="0.0.0.0/0", gateway=net.gateway)
+        finally:
+            _check(_libc.setns(host_ns, CLONE_NEWNET), "return to the host netns")
+    finally:
+        os.close(host_ns)
+    with IPRoute() as ipr:
+        host = ipr.link_lookup(ifname=net.host_link)[0]
+        ipr.addr("add", index=host, address=net.gateway, prefixlen=32)
+        ipr.link("set", index=host, state="up")
+        ipr.route("add", dst=f"{net.address}/32", oif=host)
+
+
+def delete(netns: str, host_link: str) -> None:
+    """Remove the veth pair and the namespace, whatever of them exists (blocking, idempotent)."""
+    affinity.unpin_current()
+    with IPRoute() as ipr:
+        for index in ipr.link_lookup(ifname=host_link):
+            with contextlib.suppress(NetlinkError):
+                ipr.link("del", index=index)
+    path = NETNS_DIR / netns
+    if _libc.umount2(str(path).encode(), MNT_DETACH) != 0 and ctypes.get_errno() not in (errno.EINVAL, errno.ENOENT):
+        code = ctypes.get_errno()
+        raise OSError(code, f"unmount {path}: {os.strerror(code)}")
+    path.unlink(missing_ok=True)
+
+
+def namespaces(prefix: str) -> list[str]:
+    """Names of the namespaces in /run/netns that start with ``prefix``."""
+    if not NETNS_DIR.is_dir():
+        return []
+    return sorted(entry.name for entry in NETNS_DIR.iterdir() if entry.name.startswith(prefix))
+
+
+def links(prefix: str) -> list[str]:
+    """Names of the host's links that start with ``prefix``."""
+    with IPRoute() as ipr:
+        names = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
+    return sorted(str(name) for name in names if str(name).startswith(prefix))
+
+
+def enter(netns_path: Path) -> None:
+    """Move the calling thread (or the process, if single-threaded) into a namespace (blocking)."""
+    fd = os.open(netns_path, os.O_RDONLY)
+    try:
+        _check(_libc.setns(fd, CLONE_NEWNET), f"setns({netns_path})")
+    finally:
+        os.close(fd)
+
+
+def has_capabilities() -> bool:
+    """Whether this process may create namespaces and links (CAP_NET_ADMIN and CAP_SYS_ADMIN)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            effective = int(line.split()[1], 16)
+            return bool(effective & (1 << 12)) and bool(effective & (1 << 21))
+    return False

@@ -1,0 +1,1 @@
+"""Machine drivers: how a machine's sandbox is made, started, stopped and described."""

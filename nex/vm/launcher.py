@@ -1,0 +1,266 @@
+"""Starting agent processes: from the pre-imported zygote (fast) or as new processes (the fallback).
+
+Both launchers take a :class:`LaunchSpec` and return an :class:`AgentProcess` that the machine waits
+on and signals. The node logs which one it uses.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import msgspec
+import trio
+
+from actors import ChildSpec
+from nex import logs, proc
+
+from . import zygote
+
+log = logs.get("nex.vm")
+
+
+class LaunchFailed(Exception):
+    """The agent process could not be started."""
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    vmid: str
+    env: dict[str, str]
+    stdout: Path
+    stderr: Path
+    cwd: Path
+    netns: Path | None = None
+
+
+class AgentProcess(Protocol):
+    pid: int
+
+    async def wait(self) -> int | None:
+        """Until the process exits; its exit code when known."""
+        ...
+
+    def signal(self, sig: int) -> None: ...
+
+    async def stop(self, grace: float) -> int | None:
+        """SIGTERM, ``grace`` seconds, then SIGKILL; shielded."""
+        ...
+
+
+class Launcher(Protocol):
+    name: str
+
+    async def launch(self, spec: LaunchSpec) -> AgentProcess: ...
+
+
+async def _stop(process: AgentProcess, grace: float) -> int | None:
+    codes: list[int | None] = []
+    with trio.CancelScope(shield=True):
+        process.signal(signal.SIGTERM)
+        with trio.move_on_after(grace):
+            codes.append(await process.wait())
+        if not codes:
+            process.signal(signal.SIGKILL)
+            codes.append(await process.wait())
+    return codes[0]
+
+
+# -- plain spawn ---------------------------------------------------------------------------------------
+
+
+class _SpawnedAgent:
+    def __init__(self, child: proc.ChildProcess) -> None:
+        self.child = child
+        self.pid = child.pid
+
+    async def wait(self) -> int | None:
+        return await self.child.wait()
+
+    def signal(self, sig: int) -> None:
+        self.child.signal(sig)
+
+    async def stop(self, grace: float) -> int | None:
+        return await _stop(self, grace)
+
+
+class SpawnLauncher:
+    """``python -m nex.agent`` per machine: no shared state, but a full Python start each time."""
+
+    name = "spawn"
+
+    async def launch(self, spec: LaunchSpec) -> AgentProcess:
+        out = os.open(spec.stdout, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        err = os.open(spec.stderr, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            child = proc.spawn(
+                [sys.executable, "-m", "nex.agent", "--machine", str(spec.cwd)],
+                env=spec.env,
+                cwd=spec.cwd,
+                stdout=out,
+                stderr=err,
+                netns=spec.netns,
+            )
+        except OSError as exc:
+            raise LaunchFailed(f"cannot start the agent for {spec.vmid}: {exc}") from None
+        finally:
+            os.close(out)
+            os.close(err)
+        return _SpawnedAgent(child)
+
+
+# -- the zygote ----------------------------------------------------------------------------------------
+
+
+class ZygoteDied(Exception):
+    """The zygote process exited (its supervisor restarts it)."""
+
+
+@dataclass
+class _ZygoteAgent:
+    pid: int
+    pidfd: int
+    exited: trio.Event = field(default_factory=trio.Event)
+    code: int | None = None
+
+    async def wait(self) -> int | None:
+        if self.pidfd >= 0:
+            await trio.lowlevel.wait_readable(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = -1
+        with trio.move_on_after(1.0):  # the zygote's exit report follows the exit itself closely
+            await self.exited.wait()
+        return self.code
+
+    def signal(self, sig: int) -> None:
+        if self.pidfd >= 0:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self.pidfd, sig)
+
+    async def stop(self, grace: float) -> int | None:
+        return await _stop(self, grace)
+
+
+class ZygoteLauncher:
+    """Forks agents from a pre-imported zygote process; supervised as the ``zygote`` child."""
+
+    name = "zygote"
+
+    def __init__(self, node_dir: Path | None = None) -> None:
+        self.node_dir = node_dir
+        self.pid: int | None = None
+        self._sock: trio.socket.SocketType | None = None
+        self._ids = 0
+        self._pending: dict[int, tuple[trio.Event, list[object]]] = {}
+        self._agents: dict[int, _ZygoteAgent] = {}
+        self._send_lock = trio.Lock()
+        self.ready = trio.Event()
+
+    def child_spec(self) -> ChildSpec:
+        return ChildSpec(id="zygote", start=self.run, shutdown=5.0, kind="process")
+
+    async def run(self, *, task_status: trio.TaskStatus[ZygoteLauncher] = trio.TASK_STATUS_IGNORED) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            # the node's directory on the command line tells an operator (and ps) whose zygote it is
+            node = ["--node", str(self.node_dir)] if self.node_dir is not None else []
+            child = proc.spawn(
+                [sys.executable, "-m", "nex.vm.zygote", str(theirs.fileno()), *node],
+                pass_fds=[theirs.fileno()],
+                stderr=None,  # its own errors go to the node's stderr
+            )
+        finally:
+            theirs.close()
+        self.pid = child.pid
+        sock = trio.socket.from_stdlib_socket(ours)
+        self._sock = sock
+        try:
+            with trio.fail_after(30):
+                first = await self._receive(sock)
+            if not isinstance(first, zygote.Ready):
+                raise LaunchFailed(f"the zygote said {first!r} instead of ready")
+            self.ready.set()
+            task_status.started(self)
+            while True:
+                message = await self._receive(sock)
+                self._dispatch(message)
+        except trio.TooSlowError:
+            raise LaunchFailed("the zygote did not start within 30 s") from None
+        finally:
+            self._sock = None
+            self.ready = trio.Event()
+            for event, box in self._pending.values():
+                box.append(ZygoteDied("the zygote exited"))
+                event.set()
+            with trio.CancelScope(shield=True):
+                sock.close()  # the zygote sees EOF and exits; its children die with it
+                await child.stop(grace=5.0)
+            self.pid = None
+
+    async def _receive(self, sock: trio.socket.SocketType) -> zygote.FromZygote:
+        data, ancdata, _, _ = await sock.recvmsg(1 << 16, socket.CMSG_SPACE(4))
+        if not data:
+            raise ZygoteDied("the zygote closed its socket")
+        message: zygote.FromZygote = msgspec.json.decode(data, type=zygote.FromZygote)
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS and isinstance(message, zygote.Spawned):
+                fds = array.array("i")
+                fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
+                self._agents[message.pid] = _ZygoteAgent(pid=message.pid, pidfd=fds[0])
+        return message
+
+    def _dispatch(self, message: zygote.FromZygote) -> None:
+        if isinstance(message, zygote.Exited):
+            agent = self._agents.pop(message.pid, None)
+            if agent is not None:
+                agent.code = message.code
+                agent.exited.set()
+        elif isinstance(message, (zygote.Spawned, zygote.SpawnFailed)):
+            waiting = self._pending.pop(message.id, None)
+            if waiting is not None:
+                waiting[1].append(message)
+                waiting[0].set()
+            elif isinstance(message, zygote.Spawned):
+                # Nobody waits for this agent any more (its machine gave up on a slow launch): it
+                # must not live on unowned.
+                orphan = self._agents.pop(message.pid, None)
+                if orphan is not None:
+                    orphan.signal(signal.SIGKILL)
+                    log.warning("Killed an agent started after its machine gave up on it", pid=message.pid)
+
+    async def launch(self, spec: LaunchSpec) -> AgentProcess:
+        sock = self._sock
+        if sock is None:
+            raise LaunchFailed("the zygote is not running")
+        self._ids += 1
+        request = zygote.Spawn(
+            id=self._ids,
+            vmid=spec.vmid,
+            env=spec.env,
+            stdout=str(spec.stdout),
+            stderr=str(spec.stderr),
+            cwd=str(spec.cwd),
+            netns=str(spec.netns) if spec.netns else "",
+        )
+        done, box = trio.Event(), list[object]()
+        self._pending[request.id] = (done, box)
+        try:
+            async with self._send_lock:
+                await sock.send(msgspec.json.encode(request))
+            await done.wait()
+        finally:
+            self._pending.pop(request.id, None)
+        (answer,) = box
+        if isinstance(answer, zygote.SpawnFailed):
+            raise LaunchFailed(f"the zygote could not start the agent for {spec.vmid}: {answer.error}")
+        if isinstance(answer, Exception):
+            raise LaunchFailed(f"the zygote went away while starting the agent for {spec.vmid}") from answer
+        assert isinstance(answer, zygote.Spawned)
+        return self._agents.get(answer.pid) or _ZygoteAgent(pid=answer.pid, pidfd=-1)

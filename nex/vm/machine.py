@@ -1,0 +1,183 @@
+"""One machine, owned end to end by one actor: its directory, credentials, sandbox and agent.
+
+Start-up (the actor's ``on_start``): state directory, metadata, credentials on the internal server,
+the driver's ``prepare`` (network) and ``start`` (agent), then the agent's handshake within
+``agent_handshake_timeout_ms``. Only then is the machine started, and warm. Every step registers its
+undo on the actor's cleanup stack before it acts, so however the machine ends (its agent exits, its
+handshake times out, the node stops, a cancellation lands anywhere in start-up) everything is
+released in reverse order, shielded and bounded.
+
+An agent that exits is the machine's crash (:class:`AgentExited`); machines are never restarted, the
+pool makes new ones.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import trio
+
+from actors import Actor, Journal, Message, Reply
+from nex import logs
+from nex.api import agent as agent_api
+from nex.bus.credentials import AgentCredentials
+
+from .drivers.base import Driver, MachineContext
+from .handshake import HandshakeBook
+from .launcher import AgentProcess
+from .state import MachineDir
+
+log = logs.get("nex.vm")
+
+
+class HandshakeTimeout(Exception):
+    """The agent did not say hello in time; the message carries the end of its output."""
+
+
+class AgentExited(Exception):
+    """The machine's agent process exited."""
+
+
+class MachineInfo(msgspec.Struct):
+    vmid: str
+    state: str
+    ip: str
+    pid: int
+    driver: str
+    since: float
+
+
+class Describe(Message):
+    reply: Reply[MachineInfo]
+
+
+MachineMsg = Describe
+
+
+@dataclass(frozen=True)
+class MachineDeps:
+    """What every machine of a node shares."""
+
+    driver: Driver
+    credentials: AgentCredentials
+    handshakes: HandshakeBook
+    vm_root: Path
+    journal: Journal | None
+    agent_host: str
+    agent_port: int
+    handshake_timeout: float
+
+
+class Machine(Actor[MachineMsg]):
+    def __init__(self, vmid: str, deps: MachineDeps) -> None:
+        self.vmid = vmid
+        self.deps = deps
+        self.journal = deps.journal
+        self.state = "starting"
+        self.since = time.time()
+        self.agent: AgentProcess | None = None
+        self.context: MachineContext | None = None
+
+    async def on_start(self) -> None:
+        deps, vmid = self.deps, self.vmid
+        folder = MachineDir(deps.vm_root, vmid)
+        self.cleanup.push(
+            f"state dir of {vmid}",
+            lambda: trio.to_thread.run_sync(folder.remove),
+            kind="dir",
+            data={"path": str(folder.path)},
+        )
+        folder.create()
+        folder.write_json(
+            "metadata.json",
+            agent_api.MachineMetadata(vmid=vmid, node_nats_host=deps.agent_host, node_nats_port=deps.agent_port),
+        )
+        folder.note("created")
+        self.cleanup.push(f"credentials of {vmid}", lambda: deps.credentials.revoke(vmid), durable=False)
+        seed = await deps.credentials.grant(vmid)
+        env = {
+            agent_api.ENV_VMID: vmid,
+            agent_api.ENV_HOST: deps.agent_host,
+            agent_api.ENV_PORT: str(deps.agent_port),
+            agent_api.ENV_SEED: seed,
+            agent_api.ENV_SANDBOX: "false",
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+        }
+        context = MachineContext(vmid=vmid, dir=folder, cleanup=self.cleanup, env=env)
+        self.context = context
+        await deps.driver.prepare(context)
+        hello = deps.handshakes.expect(vmid)
+        self.cleanup.push(f"handshake of {vmid}", _forget(deps.handshakes, vmid), durable=False)
+        started = trio.current_time()
+        deadline = started + deps.handshake_timeout  # covers the launch too: a stuck launcher is bounded
+        with trio.move_on_at(deadline):
+            self.agent = await deps.driver.start(context)
+        if self.agent is None:
+            folder.note("agent not started in time")
+            raise HandshakeTimeout(
+                f"the agent of machine {vmid} was not even started within {deps.handshake_timeout * 1000:.0f} ms "
+                "(is the agent launcher stuck?)"
+            )
+        facts = deps.driver.describe(context)
+        log.info(
+            "Machine started",
+            vmid=vmid,
+            ip=facts.get("ip", ""),
+            gateway=deps.agent_host,
+            hosttap=facts.get("hosttap", "-"),
+            nats_host=deps.agent_host,
+            nats_port=deps.agent_port,
+        )
+        self.nursery.start_soon(self._watch_agent, self.agent)
+        with trio.move_on_at(deadline):
+            await hello.wait()
+        if not hello.is_set():
+            folder.note("no handshake in time")
+            raise HandshakeTimeout(
+                f"the agent of machine {vmid} did not complete its handshake within "
+                f"{deps.handshake_timeout * 1000:.0f} ms; its last output: {_tail(folder)}"
+            )
+        self.state = "ready"
+        folder.note(f"handshake after {(trio.current_time() - started) * 1000:.1f} ms")
+
+    async def handle(self, message: MachineMsg) -> None:
+        match message:
+            case Describe(reply=reply):
+                reply.send(self.info())
+
+    def info(self) -> MachineInfo:
+        facts = self.deps.driver.describe(self.context) if self.context is not None else {}
+        return MachineInfo(
+            vmid=self.vmid,
+            state=self.state,
+            ip=facts.get("ip", ""),
+            pid=self.agent.pid if self.agent else 0,
+            driver=self.deps.driver.name,
+            since=self.since,
+        )
+
+    async def _watch_agent(self, agent: AgentProcess) -> None:
+        code = await agent.wait()
+        raise AgentExited(f"the agent of machine {self.vmid} (pid {agent.pid}) exited with code {code}")
+
+
+def _forget(book: HandshakeBook, vmid: str) -> Callable[[], Awaitable[None]]:
+    async def forget() -> None:
+        book.forget(vmid)
+
+    return forget
+
+
+def _tail(folder: MachineDir, lines: int = 5) -> str:
+    text = ""
+    for path in (folder.stderr, folder.stdout):
+        try:
+            text += path.read_text(errors="replace")
+        except OSError:
+            continue
+    tail = [line for line in text.strip().splitlines() if line][-lines:]
+    return " | ".join(tail) if tail else "(nothing)"

@@ -1,0 +1,221 @@
+"""The warm pool: ``machine_pool_size`` machines started ahead of need, each with a handshaken agent.
+
+The pool keeps the number of its machines (starting or ready) at its size: it starts the missing
+ones concurrently, at most ``parallel`` at a time, and starts a replacement as soon as a machine
+leaves (its agent died, it was taken for a workload). Machines are children of the ``machines``
+dynamic supervisor; the pool hears of their end through :class:`MachineGone`.
+
+Failures back off exponentially (0.1 s doubling to 10 s), so a broken host does not spin. The pool is
+started (and the node ready) once the first fill is complete. If the first handshake the node ever
+waits for does not come, that is fatal: the pool fails its start with :class:`PoolFailed`, saying what
+failed and what to check, and the node exits. A later handshake timeout only costs that machine.
+In lame duck the pool stops refilling.
+
+The pool is one object for the node's life: if its actor restarts, it keeps its members (their
+machines run on under the ``machines`` supervisor) and goes on keeping the pool full.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+
+import msgspec
+import trio
+
+from actors import Actor, ActorStopped, ChildSpec, DynamicSupervisor, Mailbox, Message, Restart, actor_spec
+from nex import logs
+from nex.node.state import NodeState
+
+from .ids import new_vmid
+from .machine import HandshakeTimeout, Machine, MachineDeps, MachineMsg
+
+log = logs.get("nex.vm")
+
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 10.0
+
+
+class PoolFailed(Exception):
+    """The pool cannot fill: its first machine never became ready."""
+
+
+class MachineGone(Message):
+    vmid: str
+    reason: str
+
+
+class PoolEntry(msgspec.Struct):
+    vmid: str
+    state: str
+    ip: str = ""
+
+
+class _Member:
+    __slots__ = ("ip", "since", "state", "vmid")
+
+    def __init__(self, vmid: str) -> None:
+        self.vmid = vmid
+        self.state = "starting"
+        self.ip = ""
+        self.since = time.monotonic()
+
+
+Progress = Callable[[int, int], None]
+
+
+class Pool(Actor[MachineGone]):
+    def __init__(
+        self,
+        node: NodeState,
+        machines: DynamicSupervisor,
+        deps: MachineDeps,
+        *,
+        size: int,
+        parallel: int = 8,
+        progress: Progress | None = None,
+    ) -> None:
+        self.node = node
+        self.machines = machines
+        self.deps = deps
+        self.size = size
+        self.limiter = trio.CapacityLimiter(parallel)
+        self.progress = progress
+        self.members: dict[str, _Member] = {}
+        self.handshakes = 0
+        self.failures = 0
+        self.starts = 0
+        self._not_before = 0.0
+        self._changed = trio.Event()
+        self._filled = trio.Event()
+        self._fatal: PoolFailed | None = None
+
+    @classmethod
+    def spec(cls, pool: Pool) -> ChildSpec:
+        mailbox = Mailbox[MachineGone](1024, name="pool")
+        return actor_spec(lambda: pool, mailbox, restart=Restart.PERMANENT)
+
+    def entries(self) -> list[PoolEntry]:
+        return [PoolEntry(vmid=m.vmid, state=m.state, ip=m.ip) for m in self.members.values()]
+
+    def ready(self) -> int:
+        return sum(1 for m in self.members.values() if m.state == "ready")
+
+    async def on_start(self) -> None:
+        self.nursery.start_soon(self._keep_full)
+        await self._filled.wait()
+        if self._fatal is not None:
+            raise self._fatal
+        log.info("Warm pool ready", machines=self.ready(), size=self.size)
+
+    async def handle(self, message: MachineGone) -> None:
+        member = self.members.pop(message.vmid, None)
+        if member is not None:
+            log.info("Machine left the pool", vmid=message.vmid, reason=message.reason)
+            self._notify()
+
+    # -- keeping the pool full -------------------------------------------------------------------
+
+    async def _keep_full(self) -> None:
+        while True:
+            missing = self.size - len(self.members)
+            if missing > 0 and not self.node.lameduck:
+                await trio.sleep_until(self._not_before)
+                for _ in range(self.size - len(self.members)):
+                    vmid = new_vmid()
+                    self.members[vmid] = _Member(vmid)
+                    self.nursery.start_soon(self._start_machine, vmid)
+            await self._wait_changed()
+
+    async def _start_machine(self, vmid: str) -> None:
+        async with self.limiter:
+            self.starts += 1
+            try:
+                await self.machines.start_child(self._machine_spec(vmid))
+            except Exception as exc:
+                self.members.pop(vmid, None)
+                self._failed(vmid, exc)
+                return
+        member = self.members.get(vmid)
+        if member is None:
+            return  # it already left again
+        member.state = "ready"
+        self.handshakes += 1
+        self.failures = 0
+        self._not_before = 0.0
+        log.info("Adding new VM to warm pool", vmid=vmid, ip=member.ip)
+        self._report()
+
+    def _failed(self, vmid: str, exc: Exception) -> None:
+        if isinstance(exc, HandshakeTimeout) and self.handshakes == 0:
+            self._fatal = PoolFailed(
+                f"first handshake failed: {exc}. Check that agents can reach the internal NATS server at "
+                f"{self.deps.agent_host}:{self.deps.agent_port} from their network namespace, look for errors "
+                f"above, and raise agent_handshake_timeout_ms if machines start slowly on this host"
+            )
+            log.error("First handshake failed, shutting down to avoid inconsistent behavior", vmid=vmid)
+            self._filled.set()
+            return
+        self.failures += 1
+        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self.failures - 1))
+        self._not_before = trio.current_time() + delay
+        log.warning("Machine failed to start; retrying", vmid=vmid, error=str(exc), retry_in=f"{delay:.1f}s")
+        self._notify()
+
+    def _machine_spec(self, vmid: str) -> ChildSpec:
+        mailbox = Mailbox[MachineMsg](16, name=vmid)
+        pool_ref = self.ref
+        members = self.members
+        deps = self.deps
+
+        async def run_machine(*, task_status: trio.TaskStatus[object]) -> None:
+            started = False
+            reason = "stopped"
+
+            def ready(value: object = None) -> None:
+                nonlocal started
+                started = True
+                machine = members.get(vmid)
+                if machine is not None and actor.context is not None and actor.context.network is not None:
+                    machine.ip = actor.context.network.address
+                task_status.started(value)
+
+            actor = Machine(vmid, deps)
+            try:
+                await actor.run(mailbox, task_status=_Started(ready))
+            except BaseException as exc:
+                reason = str(exc) or type(exc).__name__
+                raise
+            finally:
+                if started:
+                    with contextlib.suppress(ActorStopped):  # the pool is gone too: the node is stopping
+                        pool_ref.send_nowait(MachineGone(vmid=vmid, reason=reason))
+
+        return ChildSpec(
+            id=vmid, start=run_machine, restart=Restart.TEMPORARY, shutdown=10.0, kind="actor", mailbox=mailbox
+        )
+
+    def _report(self) -> None:
+        if self.progress is not None:
+            self.progress(self.ready(), self.size)
+        if not self._filled.is_set() and self.ready() >= self.size:
+            self._filled.set()
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _wait_changed(self) -> None:
+        await self._changed.wait()
+
+
+class _Started:
+    """A task status that runs a callback when the child reports it has started."""
+
+    def __init__(self, callback: Callable[[object], None]) -> None:
+        self.callback = callback
+
+    def started(self, value: object = None) -> None:
+        self.callback(value)
