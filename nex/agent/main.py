@@ -12,6 +12,7 @@ The zygote (:mod:`nex.vm.zygote`) imports this module once and forks a child per
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import os
 import signal
@@ -57,26 +58,48 @@ def log(message: str) -> None:
 
 
 async def run(meta: api.MachineMetadata) -> int:
-    """Serve as ``meta.vmid``'s agent until undeployed, signalled, or orphaned; the exit code."""
+    """Serve as ``meta.vmid``'s agent until undeployed, signalled, or orphaned; the exit code.
+
+    SIGTERM is honoured at any point: during start-up (connect, handshake) it cancels the start; once
+    serving, it drains the connection and exits.
+    """
     loop = asyncio.get_running_loop()
-    finished = asyncio.Event()
-    exit_code = 0
-
-    def stop(code: int) -> None:
-        nonlocal exit_code
-        exit_code = code
-        finished.set()
-
+    stopped = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop, 0)
+        loop.add_signal_handler(sig, stopped.set)
+    starting = asyncio.ensure_future(start(meta, stopped))
+    stop_requested = asyncio.ensure_future(stopped.wait())
+    await asyncio.wait({starting, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await starting
+        log("stopped while starting")
+        return 0
+    stop_requested.cancel()
+    nc = starting.result()
+    if nc is None:
+        return 1
+    log(f"handshake accepted by the node at nats://{meta.node_nats_host}:{meta.node_nats_port}")
+    await stopped.wait()
+    if not nc.is_closed:
+        try:
+            await asyncio.wait_for(nc.drain(), 2)
+        except Exception:
+            await nc.close()
+    return 0
+
+
+async def start(meta: api.MachineMetadata, stopped: asyncio.Event) -> Client | None:
+    """Connect, subscribe and handshake; the connection, or None after a logged failure."""
 
     async def quiet(_: Exception) -> None:
         return None
 
     async def closed() -> None:
-        if not finished.is_set():
+        if not stopped.is_set():
             log("lost the node (its NATS server is gone); exiting")
-            stop(0)
+            stopped.set()
 
     options: dict[str, object] = {}
     if meta.node_nats_nkey:
@@ -97,34 +120,31 @@ async def run(meta: api.MachineMetadata) -> int:
         )
     except Exception as exc:
         log(f"cannot connect to the node at {url}: {exc!r}")
-        return 1
+        return None
+    try:
 
-    async def on_ping(msg: Msg) -> None:
-        await msg.respond(b"OK")
+        async def on_ping(msg: Msg) -> None:
+            await msg.respond(b"OK")
 
-    async def on_undeploy(msg: Msg) -> None:
-        await msg.respond(b"")
-        log("undeployed")
-        stop(0)
+        async def on_undeploy(msg: Msg) -> None:
+            await msg.respond(b"")
+            log("undeployed")
+            stopped.set()
 
-    async def on_deploy(msg: Msg) -> None:
-        reply = api.DeployResponse(accepted=False, message="this agent does not run workloads yet")
-        await msg.respond(msgspec.json.encode(reply))
+        async def on_deploy(msg: Msg) -> None:
+            reply = api.DeployResponse(accepted=False, message="this agent does not run workloads yet")
+            await msg.respond(msgspec.json.encode(reply))
 
-    await nc.subscribe(api.ping(meta.vmid), cb=on_ping)
-    await nc.subscribe(api.undeploy(meta.vmid), cb=on_undeploy)
-    await nc.subscribe(api.deploy(meta.vmid), cb=on_deploy)
-    if not await handshake(nc, meta.vmid):
-        await nc.close()
-        return 1
-    log(f"handshake accepted by the node at {url}")
-    await finished.wait()
-    if not nc.is_closed:
-        try:
-            await asyncio.wait_for(nc.drain(), 2)
-        except Exception:
+        await nc.subscribe(api.ping(meta.vmid), cb=on_ping)
+        await nc.subscribe(api.undeploy(meta.vmid), cb=on_undeploy)
+        await nc.subscribe(api.deploy(meta.vmid), cb=on_deploy)
+        if not await handshake(nc, meta.vmid):
             await nc.close()
-    return exit_code
+            return None
+    except BaseException:
+        await asyncio.shield(nc.close())
+        raise
+    return nc
 
 
 async def handshake(nc: Client, vmid: str) -> bool:

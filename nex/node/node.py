@@ -27,6 +27,7 @@ import fcntl
 import os
 import shutil
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import trio
@@ -117,7 +118,7 @@ class Node:
             self.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise NodeError(f"cannot create the state directory {self.state_dir}: {exc.strerror}") from None
-        with _StateDirLock(self.state_dir):
+        with _StateDirLock(self.state_dir), _tidy_on_exit(self.state_dir):
             _clear_leftovers(self.state_dir / "nats")
             self._networks = self._plan_networks()
             await self._recover()
@@ -154,10 +155,6 @@ class Node:
                             events.NodeStoppedData(id=state.node_id, graceful=state.failure is None),
                         )
                 nursery.cancel_scope.cancel()
-            for leftover in (self.state_dir / "nats", self.state_dir / "journal"):
-                with contextlib.suppress(OSError):
-                    leftover.rmdir()  # empty once the servers and machines removed their files
-            _remove_empty_dirs(self.state_dir / "vm")
             if state.failure is not None:
                 log.error("Node stopped after a failure", error=str(state.failure))
                 return 1
@@ -355,6 +352,18 @@ def _clear_leftovers(work_dir: Path) -> None:
         shutil.rmtree(work_dir, ignore_errors=True)
         if leftovers:
             log.info("Removed files left by a node that did not stop cleanly", path=str(work_dir), files=leftovers)
+
+
+@contextlib.contextmanager
+def _tidy_on_exit(state_dir: Path) -> Iterator[None]:
+    """However the node ends, remove the directories its servers and machines emptied."""
+    try:
+        yield
+    finally:
+        for leftover in (state_dir / "nats", state_dir / "journal"):
+            with contextlib.suppress(OSError):
+                leftover.rmdir()
+        _remove_empty_dirs(state_dir / "vm")
 
 
 def _remove_empty_dirs(root: Path) -> None:

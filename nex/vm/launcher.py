@@ -19,12 +19,15 @@ from typing import Protocol
 import msgspec
 import trio
 
-from actors import ChildSpec
+from actors import ChildSpec, CleanupStack
 from nex import logs, proc
 
 from . import zygote
 
 log = logs.get("nex.vm")
+
+STOP_GRACE = 2.0  # seconds an agent has to exit on SIGTERM before SIGKILL
+ANSWER_GRACE = 2.0  # seconds a release waits for the zygote's answer to a launch it cut off
 
 
 class LaunchFailed(Exception):
@@ -56,9 +59,13 @@ class AgentProcess(Protocol):
 
 
 class Launcher(Protocol):
-    name: str
+    """Starts agents. ``launch`` registers the agent's release on ``cleanup`` *before* it starts
+    anything, so a launch cut off at any point (cancellation, deadline) is still undone in full."""
 
-    async def launch(self, spec: LaunchSpec) -> AgentProcess: ...
+    @property
+    def name(self) -> str: ...
+
+    async def launch(self, spec: LaunchSpec, cleanup: CleanupStack) -> AgentProcess: ...
 
 
 async def _stop(process: AgentProcess, grace: float) -> int | None:
@@ -96,7 +103,7 @@ class SpawnLauncher:
 
     name = "spawn"
 
-    async def launch(self, spec: LaunchSpec) -> AgentProcess:
+    async def launch(self, spec: LaunchSpec, cleanup: CleanupStack) -> AgentProcess:
         out = os.open(spec.stdout, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         err = os.open(spec.stderr, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
@@ -113,7 +120,9 @@ class SpawnLauncher:
         finally:
             os.close(out)
             os.close(err)
-        return _SpawnedAgent(child)
+        agent = _SpawnedAgent(child)  # no checkpoint since the spawn: nothing can interrupt us here
+        cleanup.push(f"agent {agent.pid}", lambda: agent.stop(grace=STOP_GRACE), durable=False)
+        return agent
 
 
 # -- the zygote ----------------------------------------------------------------------------------------
@@ -149,24 +158,47 @@ class _ZygoteAgent:
 
 
 class ZygoteLauncher:
-    """Forks agents from a pre-imported zygote process; supervised as the ``zygote`` child."""
+    """Forks agents from a pre-imported zygote process; supervised as the ``zygote`` child.
 
-    name = "zygote"
+    Forking is only safe from a single-threaded process, so the zygote reports its thread count
+    when it is ready. If it has more than one thread, or cannot start at all, this launcher falls
+    back to :class:`SpawnLauncher` for the rest of the node's life and logs why.
+    """
 
     def __init__(self, node_dir: Path | None = None) -> None:
         self.node_dir = node_dir
+        self.fallback: SpawnLauncher | None = None
         self.pid: int | None = None
         self._sock: trio.socket.SocketType | None = None
         self._ids = 0
         self._pending: dict[int, tuple[trio.Event, list[object]]] = {}
-        self._agents: dict[int, _ZygoteAgent] = {}
+        self._agents: dict[int, _ZygoteAgent] = {}  # pid -> agent, until the zygote reports its exit
+        self._started: dict[int, _ZygoteAgent] = {}  # agents handed to a machine, until they exit
         self._send_lock = trio.Lock()
+        self._served = False
         self.ready = trio.Event()
+
+    @property
+    def name(self) -> str:
+        return "spawn (zygote unavailable)" if self.fallback is not None else "zygote"
 
     def child_spec(self) -> ChildSpec:
         return ChildSpec(id="zygote", start=self.run, shutdown=5.0, kind="process")
 
     async def run(self, *, task_status: trio.TaskStatus[ZygoteLauncher] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the zygote; if it cannot serve safely, serve by spawning instead (and say so)."""
+        if self.fallback is None:
+            try:
+                await self._run_zygote(task_status)  # returns only by raising
+            except (LaunchFailed, ZygoteDied, OSError) as exc:
+                if self._served:
+                    raise  # it worked before: a crash for the supervisor to restart
+                log.warning("Agents will be started as new processes: the zygote is not usable", reason=str(exc))
+                self.fallback = SpawnLauncher()
+        task_status.started(self)
+        await trio.sleep_forever()
+
+    async def _run_zygote(self, task_status: trio.TaskStatus[ZygoteLauncher]) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             # the node's directory on the command line tells an operator (and ps) whose zygote it is
@@ -186,7 +218,10 @@ class ZygoteLauncher:
                 first = await self._receive(sock)
             if not isinstance(first, zygote.Ready):
                 raise LaunchFailed(f"the zygote said {first!r} instead of ready")
+            if first.threads != 1:
+                raise LaunchFailed(f"the zygote has {first.threads} threads: forking it would not be safe")
             self.ready.set()
+            self._served = True
             task_status.started(self)
             while True:
                 message = await self._receive(sock)
@@ -218,12 +253,13 @@ class ZygoteLauncher:
 
     def _dispatch(self, message: zygote.FromZygote) -> None:
         if isinstance(message, zygote.Exited):
+            self._started.pop(message.pid, None)
             agent = self._agents.pop(message.pid, None)
             if agent is not None:
                 agent.code = message.code
                 agent.exited.set()
         elif isinstance(message, (zygote.Spawned, zygote.SpawnFailed)):
-            waiting = self._pending.pop(message.id, None)
+            waiting = self._pending.get(message.id)
             if waiting is not None:
                 waiting[1].append(message)
                 waiting[0].set()
@@ -235,7 +271,9 @@ class ZygoteLauncher:
                     orphan.signal(signal.SIGKILL)
                     log.warning("Killed an agent started after its machine gave up on it", pid=message.pid)
 
-    async def launch(self, spec: LaunchSpec) -> AgentProcess:
+    async def launch(self, spec: LaunchSpec, cleanup: CleanupStack) -> AgentProcess:
+        if self.fallback is not None:
+            return await self.fallback.launch(spec, cleanup)
         sock = self._sock
         if sock is None:
             raise LaunchFailed("the zygote is not running")
@@ -251,16 +289,34 @@ class ZygoteLauncher:
         )
         done, box = trio.Event(), list[object]()
         self._pending[request.id] = (done, box)
-        try:
-            async with self._send_lock:
-                await sock.send(msgspec.json.encode(request))
-            await done.wait()
-        finally:
+
+        sent = False
+
+        async def release() -> None:
+            # Runs shielded: if the request was sent, wait (briefly) for its answer, then stop
+            # whatever it started. A later answer is an orphan, killed on arrival.
+            if sent:
+                with trio.move_on_after(ANSWER_GRACE):
+                    await done.wait()
             self._pending.pop(request.id, None)
+            for answer in box:
+                if isinstance(answer, zygote.Spawned):
+                    # look up, not pop: the zygote's exit report is matched against these tables
+                    agent = self._agents.get(answer.pid) or self._started.get(answer.pid)
+                    if agent is not None:
+                        await agent.stop(grace=STOP_GRACE)
+
+        cleanup.push(f"agent of {spec.vmid}", release, durable=False)
+        async with self._send_lock:
+            await sock.send(msgspec.json.encode(request))  # atomic under cancellation: sent, or not
+            sent = True
+        await done.wait()
         (answer,) = box
         if isinstance(answer, zygote.SpawnFailed):
             raise LaunchFailed(f"the zygote could not start the agent for {spec.vmid}: {answer.error}")
         if isinstance(answer, Exception):
             raise LaunchFailed(f"the zygote went away while starting the agent for {spec.vmid}") from answer
         assert isinstance(answer, zygote.Spawned)
-        return self._agents.get(answer.pid) or _ZygoteAgent(pid=answer.pid, pidfd=-1)
+        agent = self._agents.get(answer.pid) or _ZygoteAgent(pid=answer.pid, pidfd=-1)
+        self._started[answer.pid] = agent
+        return agent

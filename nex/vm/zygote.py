@@ -24,6 +24,7 @@ import select
 import signal
 import socket
 import sys
+import threading
 import traceback
 
 import msgspec
@@ -59,6 +60,7 @@ class Exited(msgspec.Struct, tag=True):
 
 class Ready(msgspec.Struct, tag=True):
     pid: int
+    threads: int  # forking is only safe from a single-threaded process: the node checks this
 
 
 ToZygote = Spawn
@@ -78,7 +80,7 @@ def main() -> None:
     signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake select through the wakeup fd
     decoder = msgspec.json.Decoder(ToZygote)
     me = os.getpid()
-    sock.send(_encoder.encode(Ready(pid=me)))
+    sock.send(_encoder.encode(Ready(pid=me, threads=threading.active_count())))
     while True:
         readable = select.select([sock.fileno(), wake_r], [], [])[0]
         if wake_r in readable:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .support import Bus, NatsServerProc, kill_leftovers, processes_mentioning, wait_gone
+from nex.net import netns
+from nex.net.ipam import DEFAULT_ROOT as LEASES
+
+from .support import STARTED, Bus, NatsServerProc, kill_leftovers, processes_mentioning, wait_gone
 
 
 @pytest.fixture
@@ -30,12 +36,30 @@ def bus(nats_server: NatsServerProc) -> Iterator[Bus]:
     client.close()
 
 
+def kernel_objects() -> dict[str, set[str]]:
+    """Our kind of host objects: nx* namespaces and links, and IP lease files."""
+    leases = {str(p) for p in LEASES.glob("*/*") if p.name[0].isdigit()} if LEASES.is_dir() else set()
+    return {"namespaces": set(netns.namespaces("nx")), "links": set(netns.links("nx")), "leases": leases}
+
+
 @pytest.fixture(autouse=True)
 def no_leaks(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[None]:
-    """After an integration test: no process of the test left, no nats-server store left behind."""
+    """After an integration test: none of its processes, stores, machine dirs, namespaces, links or leases.
+
+    Kernel objects and leases are compared with what existed before the test, so a node an operator
+    runs on the same host does not fail the suite.
+    """
+    integration = request.node.get_closest_marker("integration") is not None
+    before = kernel_objects() if integration else {}
+    STARTED.clear()
     yield
-    if request.node.get_closest_marker("integration") is None:
+    if not integration:
         return
+    for node in STARTED:  # a test that failed half-way: stop its nodes as an operator would
+        if node.proc is not None and node.proc.poll() is None:
+            node.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                node.proc.wait(30)
     marker = str(tmp_path)
     survivors = wait_gone(list(processes_mentioning(marker)), timeout=20)
     problems = []
@@ -45,4 +69,12 @@ def no_leaks(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[None]:
     stores = sorted(str(p) for p in tmp_path.glob("*/nats"))
     if stores:
         problems.append(f"nats-server work directories left behind: {stores}")
+    machines = sorted(str(p) for p in tmp_path.glob("*/vm/*/*/*"))
+    if machines:
+        problems.append(f"machine state directories left behind: {machines}")
+    after = kernel_objects()
+    for kind, found in after.items():
+        new = sorted(found - before[kind])
+        if new:
+            problems.append(f"{kind} left behind: {new}")
     assert not problems, "\n".join(problems)

@@ -162,6 +162,10 @@ class EventLog:
             self.seen.append((subject, event))
 
 
+#: nodes started by the running test; the leak check stops (SIGTERM) any a failing test left running
+STARTED: list[NodeProcess] = []
+
+
 class NodeProcess:
     """``nex up`` as a process, with its log in the test's directory."""
 
@@ -181,6 +185,7 @@ class NodeProcess:
         events = bus.collect("$NEX.events.system.node_started") if bus is not None else None
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        STARTED.append(self)
         if events is not None:
             try:
                 started = self._wait_event(events, timeout)
@@ -297,3 +302,78 @@ def kill_leftovers(text: str) -> dict[int, str]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     return leftovers
+
+
+# -- machines -------------------------------------------------------------------------------------------
+
+
+def internal_port(node: NodeProcess) -> int:
+    """The port the node's internal nats-server listens on (from its config file)."""
+    for line in (node.state_dir / "nats" / "internal.conf").read_text().splitlines():
+        if line.startswith("listen:"):
+            return int(line.rsplit(":", 1)[1].strip().strip('"'))
+    raise AssertionError("no listen line in internal.conf")
+
+
+def agents_of(node: NodeProcess) -> dict[str, int]:
+    """The node's live agents, vmid -> pid, from each machine's ``pid`` file (as an operator finds them).
+
+    Not from /proc/PID/environ: agents forked by the zygote never exec, so that shows the zygote's.
+    """
+    found = {}
+    for pid_file in node.state_dir.glob("vm/*/*/*/pid"):
+        try:
+            pid = int(pid_file.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        if processes_mentioning(str(node.state_dir)).get(pid) is not None or Path(f"/proc/{pid}").exists():
+            found[pid_file.parent.name] = pid
+    return found
+
+
+def environment(pid: int) -> dict[str, str]:
+    """A process's environment as it was at exec (see :func:`agents_of` for the zygote's caveat)."""
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
+def icmp_echo(address: str, timeout: float = 2.0) -> bool:
+    """Whether ``address`` answers an ICMP echo request (a raw socket: needs root)."""
+    import socket
+    import struct
+
+    def checksum(data: bytes) -> int:
+        total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+        total = (total >> 16) + (total & 0xFFFF)
+        return ~(total + (total >> 16)) & 0xFFFF
+
+    ident = os.getpid() & 0xFFFF
+    payload = b"nex-test-ping!!!"
+    header = struct.pack("!BBHHH", 8, 0, 0, ident, 1)
+    packet = struct.pack("!BBHHH", 8, 0, checksum(header + payload), ident, 1) + payload
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as sock:
+        sock.settimeout(timeout)
+        sock.sendto(packet, (address, 0))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                data, peer = sock.recvfrom(1024)
+            except TimeoutError:
+                return False
+            kind, _, _, got_id, _ = struct.unpack("!BBHHH", data[20:28])
+            if peer[0] == address and kind == 0 and got_id == ident:
+                return True
+    return False
+
+
+def wait_for_pool(
+    node: NodeProcess, bus: Bus, condition: Any, *, timeout: float = 30, what: str = "the pool"
+) -> control.InfoResponse:
+    """INFO requests until ``condition(info)`` holds; each round is a real request, not a sleep."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = node.info(bus)
+        if condition(info):
+            return info
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: condition not met within {timeout}s; pool={info.pool}\n{node.log()}")

@@ -63,8 +63,7 @@ class ProcessDriver:
             cwd=machine.dir.path,
             netns=machine.network.netns_path if machine.network else None,
         )
-        agent = await self.launcher.launch(spec)
-        machine.cleanup.push(f"agent {agent.pid}", lambda: agent.stop(grace=2.0), durable=False)
+        agent = await self.launcher.launch(spec, machine.cleanup)  # registers the agent's release
         machine.dir.write_pid(agent.pid)
         machine.dir.note(f"agent started by {self.launcher.name}: pid {agent.pid}")
         return agent
