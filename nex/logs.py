@@ -1,6 +1,6 @@
 """Log lines as nex prints them: a message followed by ``key=value`` fields, one event per line.
 
-    03:12:45 INF Machine started vmid=cnrul21t6e8i4vc1sf6g ip=192.168.127.2
+    03:12:45.120 INF Machine started vmid=cnrul21t6e8i4vc1sf6g ip=192.168.127.2
 
 :func:`get` returns a :class:`Log` whose methods take the fields as keywords, so call sites read as
 the line they print: ``log.info("Machine started", vmid=vmid, ip=ip)``.
@@ -34,7 +34,7 @@ class KeyValueFormatter(logging.Formatter):
     """``HH:MM:SS LVL message key=value …`` with the fields passed through :class:`Log`."""
 
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created)) + f".{int(record.msecs):03d}"
         fields: dict[str, Any] = getattr(record, "fields", {})
         parts = [stamp, _SHORT.get(record.levelno, record.levelname), record.getMessage()]
         parts += [f"{k}={_quote(v)}" for k, v in fields.items()]

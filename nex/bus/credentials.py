@@ -1,38 +1,57 @@
 """Who may connect to the internal server: the node, and each agent with access to its own subjects only.
 
-Every agent gets its own nkey user when its machine starts, allowed to publish and subscribe on
-``agentint.{vmid}.>``, to subscribe on its own reply inbox ``_INBOX_{vmid}.>``, and to answer the
-requests it receives; nothing else. So one agent can neither see nor speak for another (nex v0.2.2
-let every VM talk on every subject; v0.2.7 gave each agent an account). The node's own user may do
-anything.
+Every agent connects as its own nkey user, allowed to publish and subscribe on ``agentint.{vmid}.>``,
+to subscribe on its own reply inbox ``_INBOX_{vmid}.>``, and to answer the requests it receives;
+nothing else. So one agent can neither see nor speak for another (nex v0.2.2 let every VM talk on
+every subject; v0.2.7 gave each agent an account). The node's own user may do anything.
 
-Users live in the server's config file, applied with a reload. Reloads are coalesced: while one is
-being applied, later grants wait and are all applied by the next one, so a pool of 32 machines
-starting together costs a couple of reloads, not 32.
+Users live in the server's config file; a change takes a reload (about 15 ms here). To keep reloads
+off a machine's start, credentials are made ahead of need: a stock of (machine id, key) pairs already
+in the server's config. The first stock is in the config the server starts with, so the first fill
+of the pool needs no reload at all; :meth:`AgentCredentials.take` hands one out at once and the
+stock is topped up in the background, many per reload. Revocations are applied lazily by the same
+reloads. Only when the stock is empty does a machine wait for a reload of its own.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 
 import trio
 
-from nex import crypto
+from actors import ChildSpec
+from nex import crypto, logs
 from nex.api import agent as agent_api
+from nex.vm.ids import new_vmid
 
 from .server import NatsServer
 
+log = logs.get("nex.bus")
+
 
 class AgentCredentials:
-    """The internal server's users; plug :meth:`render` into the server as its ``extra_config``."""
+    """The internal server's users. Plug :meth:`render` into the server as its ``extra_config``, and
+    run :meth:`run` (after the server) to apply changes.
 
-    def __init__(self) -> None:
+    Args:
+        stock: how many ready credentials to keep (the pool size is a good choice).
+    """
+
+    def __init__(self, stock: int = 4) -> None:
         self.node_key = crypto.create_signing_key(crypto.PREFIX_USER)
-        self._agents: dict[str, str] = {}  # vmid -> public key
+        self.target = max(1, stock)
+        self._users: dict[str, str] = {}  # vmid -> public key: everyone the server should accept
+        self._ready: collections.deque[tuple[str, str]] = collections.deque()  # applied, not handed out
+        self._coming: list[tuple[str, str]] = []  # in the config, waiting for a reload
         self._server: NatsServer | None = None
-        self._lock = trio.Lock()
-        self._wanted = 0  # changes made
-        self._applied = 0  # changes the server has confirmed
+        self._changes = 0
+        self._applied = 0
+        self._dirty = trio.Event()
+        self._reloaded = trio.Event()
+        self.reloads = 0
+        for _ in range(self.target):  # in the config the server starts with: ready from the start
+            self._ready.append(self._new())
 
     @property
     def node_seed(self) -> str:
@@ -41,10 +60,13 @@ class AgentCredentials:
     def attach(self, server: NatsServer) -> None:
         self._server = server
 
+    def child_spec(self) -> ChildSpec:
+        return ChildSpec(id="credentials", start=self.run, shutdown=5.0)
+
     def render(self) -> str:
         """The ``authorization`` block for the server's config."""
         users = [{"nkey": self.node_key.public_key.decode(), "permissions": {"publish": ">", "subscribe": ">"}}]
-        for vmid, public in self._agents.items():
+        for vmid, public in self._users.items():
             own = f"{agent_api.PREFIX}.{vmid}.>"
             users.append(
                 {
@@ -56,30 +78,57 @@ class AgentCredentials:
                     },
                 }
             )
-        return "authorization {\n  users: " + json.dumps(users, indent=2) + "\n}"
+        return "authorization {\n  users: " + json.dumps(users) + "\n}"
 
-    async def grant(self, vmid: str) -> str:
-        """A new user for ``vmid``'s agent; returns its seed once the server accepts it."""
-        key = crypto.create_signing_key(crypto.PREFIX_USER)
-        self._agents[vmid] = key.public_key.decode()
-        self._wanted += 1
-        await self._apply()
-        return str(key.seed.decode())
+    async def take(self) -> tuple[str, str]:
+        """A machine id and the seed of the user the server accepts for it."""
+        if not self._ready:
+            self._coming.append(self._new())
+            await self._wait_applied(self._mark_changed())
+        vmid, seed = self._ready.popleft()
+        if len(self._ready) + len(self._coming) < self.target:
+            for _ in range(self.target - len(self._ready) - len(self._coming)):
+                self._coming.append(self._new())
+            self._mark_changed()
+        return vmid, seed
 
-    async def revoke(self, vmid: str) -> None:
-        """Remove ``vmid``'s user (its connection, if any, is closed by the server)."""
-        if self._agents.pop(vmid, None) is not None:
-            self._wanted += 1
-            await self._apply()
+    def revoke(self, vmid: str) -> None:
+        """Remove ``vmid``'s user; applied with the next reload (its connection is then closed)."""
+        if self._users.pop(vmid, None) is not None:
+            self._mark_changed()
 
     def agents(self) -> list[str]:
-        return sorted(self._agents)
+        """Machine ids whose users are on the server (given out, not yet revoked)."""
+        spare = {vmid for vmid, _ in self._ready} | {vmid for vmid, _ in self._coming}
+        return sorted(set(self._users) - spare)
 
-    async def _apply(self) -> None:
-        target = self._wanted
-        async with self._lock:
-            if self._applied >= target or self._server is None:
-                return  # a reload that started after our change already covered it
-            covering = self._wanted
-            await self._server.reload()
+    async def run(self, *, task_status: trio.TaskStatus[AgentCredentials] = trio.TASK_STATUS_IGNORED) -> None:
+        """Apply changes as they come, each reload covering every change made before it started."""
+        task_status.started(self)
+        while True:
+            await self._dirty.wait()
+            self._dirty = trio.Event()
+            covering = self._changes
+            coming, self._coming = self._coming, []
+            if self._server is not None:
+                await self._server.reload()
+                self.reloads += 1
+            self._ready.extend(coming)
             self._applied = covering
+            self._reloaded.set()
+            self._reloaded = trio.Event()
+
+    def _new(self) -> tuple[str, str]:
+        vmid = new_vmid()
+        key = crypto.create_signing_key(crypto.PREFIX_USER)
+        self._users[vmid] = key.public_key.decode()
+        return vmid, str(key.seed.decode())
+
+    def _mark_changed(self) -> int:
+        self._changes += 1
+        self._dirty.set()
+        return self._changes
+
+    async def _wait_applied(self, change: int) -> None:
+        while self._applied < change:
+            await self._reloaded.wait()

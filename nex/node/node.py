@@ -1,11 +1,12 @@
 """The node: its life from ``nex up`` to exit, and the supervision tree it runs.
 
     node (supervisor, one_for_one)
+    ├── zygote           the fork server agents are started from (unless agent_launcher is spawn)
     ├── control-server   nats-server on 127.0.0.1:4222, only when nothing answered there
     ├── control-link     the node's connection to the control NATS
     ├── internal-server  nats-server for the agents (port 9222 by default, JetStream)
+    ├── credentials      the agents' users on it, made ahead of need
     ├── internal-link    the node's connection to it
-    ├── zygote           the fork server agents are started from (unless agent_launcher is spawn)
     ├── handshakes       answers agents' hellos
     ├── machines         dynamic supervisor: one actor per machine
     ├── pool             keeps machine_pool_size machines warm
@@ -137,6 +138,8 @@ class Node:
             colocate = self.config.bus_thread_affinity == "colocate"
             async with open_asyncio_thread(colocate=colocate) as aio, trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_signals, state)
+                if self._networks is not None and self._networks.namespaced:
+                    nursery.start_soon(trio.to_thread.run_sync, netns.warm_up)
                 with trio.CancelScope() as startup:
                     self._startup = startup
                     publisher = await self._start_tree(nursery, state, aio)
@@ -179,7 +182,7 @@ class Node:
         networks = self._networks
         assert networks is not None
         internal_port = self.config.internal_node_port or free_port(DEFAULT_CONTROL_HOST)
-        credentials = AgentCredentials()
+        credentials = AgentCredentials(stock=max(4, self.config.machine_pool_size))
         internal_server = NatsServer(
             "internal",
             # agents in namespaces reach it through their gateway (.1 on every host veth); it requires
@@ -221,11 +224,14 @@ class Node:
         def pool_view() -> list[control.PoolMember]:
             return [control.PoolMember(id=e.vmid, state=e.state, ip=e.ip) for e in pool.entries()]
 
+        # The zygote first: it is "started" as soon as its process exists, and its imports then
+        # overlap the start of the servers and links.
+        children[:0] = [launcher.child_spec()] if isinstance(launcher, ZygoteLauncher) else []
         children += [
             control_link.child_spec(),
             internal_server.child_spec(),
+            credentials.child_spec(),
             internal_link.child_spec(),
-            *([launcher.child_spec()] if isinstance(launcher, ZygoteLauncher) else []),
             Handshakes.spec(internal_link, book.waiting),
             machines.child_spec(),
             Pool.spec(pool),

@@ -186,19 +186,15 @@ class ZygoteLauncher:
         return ChildSpec(id="zygote", start=self.run, shutdown=5.0, kind="process")
 
     async def run(self, *, task_status: trio.TaskStatus[ZygoteLauncher] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the zygote; if it cannot serve safely, serve by spawning instead (and say so)."""
-        if self.fallback is None:
-            try:
-                await self._run_zygote(task_status)  # returns only by raising
-            except (LaunchFailed, ZygoteDied, OSError) as exc:
-                if self._served:
-                    raise  # it worked before: a crash for the supervisor to restart
-                log.warning("Agents will be started as new processes: the zygote is not usable", reason=str(exc))
-                self.fallback = SpawnLauncher()
-        task_status.started(self)
-        await trio.sleep_forever()
+        """Start the zygote and serve it; started as soon as its process exists.
 
-    async def _run_zygote(self, task_status: trio.TaskStatus[ZygoteLauncher]) -> None:
+        Its imports (~0.1 s) thus overlap the rest of the node's start-up; :meth:`launch` waits
+        until it is ready. If it cannot serve safely, launches are served by spawning instead (and
+        the node says so).
+        """
+        if self.fallback is not None:
+            task_status.started(self)
+            await trio.sleep_forever()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             # the node's directory on the command line tells an operator (and ps) whose zygote it is
@@ -212,25 +208,35 @@ class ZygoteLauncher:
             theirs.close()
         self.pid = child.pid
         sock = trio.socket.from_stdlib_socket(ours)
-        self._sock = sock
+        task_status.started(self)
         try:
-            with trio.fail_after(30):
-                first = await self._receive(sock)
-            if not isinstance(first, zygote.Ready):
-                raise LaunchFailed(f"the zygote said {first!r} instead of ready")
-            if first.threads != 1:
-                raise LaunchFailed(f"the zygote has {first.threads} threads: forking it would not be safe")
-            self.ready.set()
+            try:
+                with trio.fail_after(30):
+                    first = await self._receive(sock)
+                if not isinstance(first, zygote.Ready):
+                    raise LaunchFailed(f"the zygote said {first!r} instead of ready")
+                if first.threads != 1:
+                    raise LaunchFailed(f"the zygote has {first.threads} threads: forking it would not be safe")
+            except (LaunchFailed, ZygoteDied, OSError, trio.TooSlowError) as exc:
+                if self._served:
+                    raise  # it worked before: a crash for the supervisor to restart
+                log.warning("Agents will be started as new processes: the zygote is not usable", reason=str(exc))
+                self.fallback = SpawnLauncher()
+                self.ready.set()
+                with trio.CancelScope(shield=True):
+                    sock.close()
+                    await child.stop(grace=5.0)
+                self.pid = None
+                await trio.sleep_forever()
+            self._sock = sock
             self._served = True
-            task_status.started(self)
+            self.ready.set()
             while True:
-                message = await self._receive(sock)
-                self._dispatch(message)
-        except trio.TooSlowError:
-            raise LaunchFailed("the zygote did not start within 30 s") from None
+                self._dispatch(await self._receive(sock))
         finally:
             self._sock = None
-            self.ready = trio.Event()
+            if self.fallback is None:
+                self.ready = trio.Event()
             for event, box in self._pending.values():
                 box.append(ZygoteDied("the zygote exited"))
                 event.set()
@@ -272,6 +278,7 @@ class ZygoteLauncher:
                     log.warning("Killed an agent started after its machine gave up on it", pid=message.pid)
 
     async def launch(self, spec: LaunchSpec, cleanup: CleanupStack) -> AgentProcess:
+        await self.ready.wait()  # bounded by the caller's deadline
         if self.fallback is not None:
             return await self.fallback.launch(spec, cleanup)
         sock = self._sock

@@ -73,8 +73,11 @@ class MachineDeps:
 
 
 class Machine(Actor[MachineMsg]):
-    def __init__(self, vmid: str, deps: MachineDeps) -> None:
+    """One machine; ``vmid`` and ``seed`` come from :meth:`AgentCredentials.take`."""
+
+    def __init__(self, vmid: str, seed: str, deps: MachineDeps) -> None:
         self.vmid = vmid
+        self.seed = seed
         self.deps = deps
         self.journal = deps.journal
         self.state = "starting"
@@ -97,8 +100,8 @@ class Machine(Actor[MachineMsg]):
             agent_api.MachineMetadata(vmid=vmid, node_nats_host=deps.agent_host, node_nats_port=deps.agent_port),
         )
         folder.note("created")
-        self.cleanup.push(f"credentials of {vmid}", lambda: deps.credentials.revoke(vmid), durable=False)
-        seed = await deps.credentials.grant(vmid)
+        self.cleanup.push(f"credentials of {vmid}", _revoke(deps.credentials, vmid), durable=False)
+        seed = self.seed
         env = {
             agent_api.ENV_VMID: vmid,
             agent_api.ENV_HOST: deps.agent_host,
@@ -163,6 +166,13 @@ class Machine(Actor[MachineMsg]):
     async def _watch_agent(self, agent: AgentProcess) -> None:
         code = await agent.wait()
         raise AgentExited(f"the agent of machine {self.vmid} (pid {agent.pid}) exited with code {code}")
+
+
+def _revoke(credentials: AgentCredentials, vmid: str) -> Callable[[], Awaitable[None]]:
+    async def revoke() -> None:
+        credentials.revoke(vmid)
+
+    return revoke
 
 
 def _forget(book: HandshakeBook, vmid: str) -> Callable[[], Awaitable[None]]:

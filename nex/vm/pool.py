@@ -28,7 +28,6 @@ from actors import Actor, ActorStopped, ChildSpec, DynamicSupervisor, Mailbox, M
 from nex import logs
 from nex.node.state import NodeState
 
-from .ids import new_vmid
 from .machine import HandshakeTimeout, Machine, MachineDeps, MachineMsg
 
 log = logs.get("nex.vm")
@@ -123,16 +122,16 @@ class Pool(Actor[MachineGone]):
             if missing > 0 and not self.node.lameduck:
                 await trio.sleep_until(self._not_before)
                 for _ in range(self.size - len(self.members)):
-                    vmid = new_vmid()
+                    vmid, seed = await self.deps.credentials.take()  # at once, from the stock
                     self.members[vmid] = _Member(vmid)
-                    self.nursery.start_soon(self._start_machine, vmid)
+                    self.nursery.start_soon(self._start_machine, vmid, seed)
             await self._wait_changed()
 
-    async def _start_machine(self, vmid: str) -> None:
+    async def _start_machine(self, vmid: str, seed: str) -> None:
         async with self.limiter:
             self.starts += 1
             try:
-                await self.machines.start_child(self._machine_spec(vmid))
+                await self.machines.start_child(self._machine_spec(vmid, seed))
             except Exception as exc:
                 self.members.pop(vmid, None)
                 self._failed(vmid, exc)
@@ -144,7 +143,8 @@ class Pool(Actor[MachineGone]):
         self.handshakes += 1
         self.failures = 0
         self._not_before = 0.0
-        log.info("Adding new VM to warm pool", vmid=vmid, ip=member.ip)
+        warmup_ms = (time.monotonic() - member.since) * 1000
+        log.info("Adding new VM to warm pool", vmid=vmid, ip=member.ip, warmup_ms=f"{warmup_ms:.1f}")
         self._report()
 
     def _failed(self, vmid: str, exc: Exception) -> None:
@@ -163,7 +163,7 @@ class Pool(Actor[MachineGone]):
         log.warning("Machine failed to start; retrying", vmid=vmid, error=str(exc), retry_in=f"{delay:.1f}s")
         self._notify()
 
-    def _machine_spec(self, vmid: str) -> ChildSpec:
+    def _machine_spec(self, vmid: str, seed: str) -> ChildSpec:
         mailbox = Mailbox[MachineMsg](16, name=vmid)
         pool_ref = self.ref
         members = self.members
@@ -181,7 +181,7 @@ class Pool(Actor[MachineGone]):
                     machine.ip = actor.context.network.address
                 task_status.started(value)
 
-            actor = Machine(vmid, deps)
+            actor = Machine(vmid, seed, deps)
             try:
                 await actor.run(mailbox, task_status=_Started(ready))
             except BaseException as exc:

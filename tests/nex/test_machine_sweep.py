@@ -64,6 +64,7 @@ async def machine_parts(tmp_path: Path) -> AsyncIterator[tuple[MachineDeps, Agen
     zygote = ZygoteLauncher(tmp_path)
     async with open_asyncio_thread("sweep-asyncio") as aio, trio.open_nursery() as nursery:
         await nursery.start(server.run)
+        await nursery.start(credentials.run)
         link = NatsLink("internal", [f"nats://127.0.0.1:{port}"], aio, nkeys_seed_str=credentials.node_seed)
         await nursery.start(link.run)
         await nursery.start(Handshakes(link, book.waiting).run, Mailbox(1024, name="handshakes"))
@@ -90,9 +91,9 @@ async def test_machine_start_cancelled_at_every_step_leaves_nothing(
     reached_ready = []
 
     async def scenario() -> None:
-        vmid = ids.new_vmid()
+        vmid, seed = await credentials.take()
         runs.append(vmid)
-        machine = Machine(vmid, deps)
+        machine = Machine(vmid, seed, deps)
         async with trio.open_nursery() as nursery:
             await nursery.start(machine.run, Mailbox[MachineMsg](4, name=vmid))
             reached_ready.append(vmid)

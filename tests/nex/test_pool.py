@@ -220,3 +220,20 @@ def test_the_zygote_falls_back_to_spawn_when_forking_would_be_unsafe(
     started = time.monotonic()
     assert node.stop() == 0
     assert time.monotonic() - started < 30
+
+
+def test_a_node_killed_outright_has_its_leftovers_released_by_the_next_start(
+    home: Path, nats_server: NatsServerProc, bus: Bus
+) -> None:
+    node = NodeProcess(home, "--pool-size", "2", server=nats_server.url).start(bus)
+    vmids = {m.id for m in node.info(bus).pool}
+    node.signal(signal.SIGKILL)
+    node.wait()
+    assert {ids.short(v) for v in vmids} <= set(netns.namespaces("nx")), "SIGKILL leaves the kernel objects"
+    assert set(leases_of(vmids).values()) == vmids
+    again = NodeProcess(home, "--pool-size", "2", server=nats_server.url).start(bus)
+    assert "Released what a node that did not stop cleanly left behind" in again.log()
+    for vmid in vmids:
+        assert_machine_gone(vmid)
+    assert [p for v in vmids for p in (again.state_dir / "vm").glob(f"*/*/{v}")] == []
+    assert again.stop() == 0
