@@ -75,10 +75,13 @@ class MachineDeps:
 class Machine(Actor[MachineMsg]):
     """One machine; ``vmid`` and ``seed`` come from :meth:`AgentCredentials.take`."""
 
-    def __init__(self, vmid: str, seed: str, deps: MachineDeps) -> None:
+    def __init__(
+        self, vmid: str, seed: str, deps: MachineDeps, on_lost: Callable[[str], None] | None = None
+    ) -> None:
         self.vmid = vmid
         self.seed = seed
         self.deps = deps
+        self.on_lost = on_lost  # told the moment the agent dies, before the (slower) teardown
         self.journal = deps.journal
         self.state = "starting"
         self.since = time.time()
@@ -165,7 +168,10 @@ class Machine(Actor[MachineMsg]):
 
     async def _watch_agent(self, agent: AgentProcess) -> None:
         code = await agent.wait()
-        raise AgentExited(f"the agent of machine {self.vmid} (pid {agent.pid}) exited with code {code}")
+        reason = f"the agent of machine {self.vmid} (pid {agent.pid}) exited with code {code}"
+        if self.on_lost is not None and self.state == "ready":
+            self.on_lost(reason)  # a replacement can start while this machine is torn down
+        raise AgentExited(reason)
 
 
 def _revoke(credentials: AgentCredentials, vmid: str) -> Callable[[], Awaitable[None]]:

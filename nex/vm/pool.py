@@ -181,7 +181,11 @@ class Pool(Actor[MachineGone]):
                     machine.ip = actor.context.network.address
                 task_status.started(value)
 
-            actor = Machine(vmid, seed, deps)
+            def lost(reason: str) -> None:
+                with contextlib.suppress(ActorStopped):
+                    pool_ref.send_nowait(MachineGone(vmid=vmid, reason=reason))
+
+            actor = Machine(vmid, seed, deps, on_lost=lost)
             try:
                 await actor.run(mailbox, task_status=_Started(ready))
             except BaseException as exc:

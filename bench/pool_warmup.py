@@ -1,0 +1,325 @@
+"""Warm-up of the pool: how soon ``nex up`` has N handshaken machines, and how fast one is replaced.
+
+For pool sizes 1, 8 and 32 (each started REPEATS times; the median is reported):
+
+- ready: from starting ``nex up`` to its "Node is ready" line (the node publishes ``node_started``
+  once every pool member has handshaken), as an operator would time it;
+- per-machine warm-up: ``warmup_ms`` of each machine, from its creation to its agent's handshake;
+- node RSS with the pool up (and, for the record, the agents' and zygote's proportional share).
+
+Replacement: with a pool of 8, an agent is killed (a machine taken) REPLACEMENTS times in turn; the
+time from the kill to the replacement's "Adding new VM to warm pool" line.
+
+Beside them, in the same run, the physical limits: fork+exec of a static binary (built here with
+``gcc -static``), ``python -c pass``, and one NATS connect plus request from a new asyncio client.
+
+Prints a table and writes ``bench/results/pool_warmup.json``. Targets on 2 cores: pool of 32 ready
+≤ 1.0 s, replacement p50 ≤ 30 ms, node RSS with 32 machines ≤ 120 MiB. Run as root for namespaces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import nats
+from rich.console import Console
+from rich.table import Table
+
+from nex.bus.server import free_port, nats_server_binary
+from nex.net import netns
+
+SIZES = (1, 8, 32)
+REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
+REPLACEMENTS = int(os.environ.get("BENCH_REPLACEMENTS", "15"))
+NEX = shutil.which("nex") or str(Path(sys.executable).parent / "nex")
+TARGETS = {"ready_32_s": 1.0, "replacement_p50_ms": 30.0, "node_rss_32_mib": 120.0}
+RESPONDER = """
+import asyncio, sys, nats
+async def main():
+    nc = await nats.connect(sys.argv[1])
+    async def echo(msg): await msg.respond(msg.data)
+    await nc.subscribe("bench.echo", cb=echo)
+    await nc.flush()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+class Node:
+    """``nex up`` with its log lines timestamped as they arrive."""
+
+    def __init__(self, work: Path, size: int, server: str) -> None:
+        self.state_dir = work / f"node-{size}"
+        self.lines: queue.Queue[tuple[float, str]] = queue.Queue()
+        self.log: list[tuple[float, str]] = []
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [
+                NEX,
+                "up",
+                "--state-dir",
+                str(self.state_dir),
+                "--internal-port",
+                "0",
+                "--pool-size",
+                str(size),
+                "--server",
+                server,
+                "--heartbeat-interval",
+                "1h",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.put((time.perf_counter(), line))
+
+    def wait_line(self, needle: str, timeout: float = 60) -> float:
+        deadline = time.perf_counter() + timeout
+        while True:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0 or (self.proc.poll() is not None and self.lines.empty()):
+                raise RuntimeError(f"no {needle!r} from the node; its log:\n" + "".join(text for _, text in self.log))
+            try:
+                at, line = self.lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            self.log.append((at, line))
+            if needle in line:
+                return at
+
+    def warmups(self) -> list[float]:
+        return [float(m) for _, line in self.log for m in re.findall(r"warmup_ms=([0-9.]+)", line)]
+
+    def rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def agents(self) -> list[int]:
+        """Pids of live agents (a machine being torn down may still have a pid file)."""
+        alive = []
+        for pid_file in self.state_dir.glob("vm/*/*/*/pid"):
+            try:
+                pid = int(pid_file.read_text().split()[0])
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, ValueError, IndexError):
+                continue
+            if state != "Z":
+                alive.append(pid)
+        return alive
+
+    def helpers_pss_mib(self) -> float:
+        """Proportional memory of the zygote and agents (their shared pages counted once)."""
+        total = 0
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if str(self.state_dir) not in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    continue
+                rollup = (entry / "smaps_rollup").read_text()
+            except OSError:
+                continue
+            if int(entry.name) == self.proc.pid:
+                continue
+            for line in rollup.splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        return total / 1024
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+
+
+def static_binary(work: Path) -> Path | None:
+    source = work / "true.c"
+    source.write_text("int main(void) { return 0; }\n")
+    binary = work / "true-static"
+    result = subprocess.run(["gcc", "-static", "-O2", "-o", str(binary), str(source)], capture_output=True, check=False)
+    return binary if result.returncode == 0 else None
+
+
+def time_fork_exec(binary: Path, n: int = 300) -> list[float]:
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter()
+        pid = os.posix_spawn(str(binary), [str(binary)], {})
+        os.waitpid(pid, 0)
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def time_python(n: int = 20) -> list[float]:
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def time_nats_connect_request(url: str, n: int = 30) -> list[float]:
+    async def once() -> float:
+        start = time.perf_counter()
+        nc = await nats.connect(url)
+        await nc.request("bench.echo", b"hi", timeout=5)
+        elapsed = time.perf_counter() - start
+        await nc.close()
+        return elapsed
+
+    return [asyncio.run(once()) for _ in range(n)]
+
+
+def main() -> None:
+    console = Console()
+    out = Path(__file__).parent / "results" / "pool_warmup.json"
+    out.parent.mkdir(exist_ok=True)
+    namespaced = netns.has_capabilities()
+    results: dict[str, object] = {"cpus": os.cpu_count(), "namespaced": namespaced, "targets": TARGETS}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        port = free_port("127.0.0.1")
+        url = f"nats://127.0.0.1:{port}"
+        server = subprocess.Popen(
+            [str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        responder = subprocess.Popen([sys.executable, "-c", RESPONDER, url], stdout=subprocess.PIPE, text=True)
+        try:
+            assert responder.stdout is not None
+            assert responder.stdout.readline().strip() == "ready"
+            sizes: dict[str, object] = {}
+            for size in SIZES:
+                ready, warmups, rss, pss = [], [], [], []
+                for _ in range(REPEATS):
+                    node = Node(work, size, url)
+                    try:
+                        ready.append(node.wait_line("Node is ready") - node.started)
+                        warmups += node.warmups()
+                        rss.append(node.rss_mib())
+                        pss.append(node.helpers_pss_mib())
+                    finally:
+                        node.stop()
+                sizes[str(size)] = {
+                    "ready_s": statistics.median(ready),
+                    "ready_runs_s": ready,
+                    "warmup_p50_ms": pct(warmups, 0.5),
+                    "warmup_p95_ms": pct(warmups, 0.95),
+                    "node_rss_mib": statistics.median(rss),
+                    "zygote_and_agents_pss_mib": statistics.median(pss),
+                }
+            results["pools"] = sizes
+            node = Node(work, 8, url)
+            replacements = []
+            try:
+                node.wait_line("Node is ready")
+                killed_pids: set[int] = set()
+                for _ in range(REPLACEMENTS):
+                    victim = next(pid for pid in node.agents() if pid not in killed_pids)
+                    killed_pids.add(victim)
+                    killed = time.perf_counter()
+                    os.kill(victim, signal.SIGKILL)
+                    replacements.append(node.wait_line("Adding new VM to warm pool") - killed)
+            finally:
+                node.stop()
+            results["replacement"] = {
+                "pool_size": 8,
+                "samples": len(replacements),
+                "p50_ms": pct(replacements, 0.5) * 1000,
+                "p95_ms": pct(replacements, 0.95) * 1000,
+            }
+            binary = static_binary(work)
+            limits: dict[str, float] = {}
+            if binary is not None:
+                limits["fork_exec_static_p50_ms"] = pct(time_fork_exec(binary), 0.5) * 1000
+            limits["python_c_pass_p50_ms"] = pct(time_python(), 0.5) * 1000
+            limits["nats_connect_request_p50_ms"] = pct(time_nats_connect_request(url), 0.5) * 1000
+            results["limits"] = limits
+        finally:
+            responder.kill()
+            server.terminate()
+            server.wait()
+    report(console, results)
+    out.write_text(json.dumps(results, indent=2))
+    console.print(f"wrote {out}")
+
+
+def report(console: Console, results: dict[str, object]) -> None:
+    pools = results["pools"]
+    assert isinstance(pools, dict)
+    network = "own netns per machine" if results["namespaced"] else "loopback"
+    table = Table(title=f"Pool warm-up ({results['cpus']} CPUs, {network}, median of {REPEATS})")
+    for column in ("pool", "ready (s)", "warm-up p50 (ms)", "warm-up p95 (ms)", "node RSS (MiB)", "agents PSS (MiB)"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for size, row in pools.items():
+        table.add_row(
+            size,
+            f"{row['ready_s']:.3f}",
+            f"{row['warmup_p50_ms']:.1f}",
+            f"{row['warmup_p95_ms']:.1f}",
+            f"{row['node_rss_mib']:.1f}",
+            f"{row['zygote_and_agents_pss_mib']:.1f}",
+        )
+    console.print(table)
+    replacement = results["replacement"]
+    limits = results["limits"]
+    assert isinstance(replacement, dict)
+    assert isinstance(limits, dict)
+    other = Table(title="Replacement, and the limits measured in the same run")
+    other.add_column("measurement")
+    other.add_column("p50 (ms)", justify="right")
+    other.add_column("p95 (ms)", justify="right")
+    other.add_row(
+        f"replace a killed machine (pool of 8, {replacement['samples']} times)",
+        f"{replacement['p50_ms']:.1f}",
+        f"{replacement['p95_ms']:.1f}",
+    )
+    labels = {
+        "fork_exec_static_p50_ms": "limit: fork+exec of a static binary",
+        "python_c_pass_p50_ms": "limit: python -c pass",
+        "nats_connect_request_p50_ms": "limit: new NATS connection + one request",
+    }
+    for name, value in limits.items():
+        other.add_row(labels[name], f"{value:.2f}", "")
+    console.print(other)
+    checks = [
+        ("pool of 32 ready", pools["32"]["ready_s"], TARGETS["ready_32_s"], "s"),
+        ("replacement p50", replacement["p50_ms"], TARGETS["replacement_p50_ms"], "ms"),
+        ("node RSS with 32 machines", pools["32"]["node_rss_mib"], TARGETS["node_rss_32_mib"], "MiB"),
+    ]
+    for name, value, target, unit in checks:
+        verdict = "meets" if value <= target else "MISSES"
+        console.print(f"{name}: {value:.3g} {unit} — {verdict} the target of ≤ {target:g} {unit}")
+
+
+if __name__ == "__main__":
+    main()
