@@ -75,9 +75,7 @@ class MachineDeps:
 class Machine(Actor[MachineMsg]):
     """One machine; ``vmid`` and ``seed`` come from :meth:`AgentCredentials.take`."""
 
-    def __init__(
-        self, vmid: str, seed: str, deps: MachineDeps, on_lost: Callable[[str], None] | None = None
-    ) -> None:
+    def __init__(self, vmid: str, seed: str, deps: MachineDeps, on_lost: Callable[[str], None] | None = None) -> None:
         self.vmid = vmid
         self.seed = seed
         self.deps = deps
