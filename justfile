@@ -15,7 +15,10 @@ bench:
     shopt -s nullglob
     benches=(bench/*.py)
     if [ ${#benches[@]} -eq 0 ]; then echo "no benchmarks yet"; exit 0; fi
-    for b in "${benches[@]}"; do echo "== $b"; python "$b"; done
+    for b in "${benches[@]}"; do
+        [ "$(basename "$b")" = common.py ] && continue  # shared helpers, not a benchmark
+        echo "== $b"; python "$b"
+    done
 
 # ruff (lint and format check) and mypy (strict on actors/ and nex/)
 lint:

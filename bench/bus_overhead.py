@@ -18,44 +18,29 @@ import json
 import os
 import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import nats
 import trio
+from common import echo_server, percentile
 from rich.console import Console
 from rich.table import Table
 
 from nex.bus.aio import open_asyncio_thread
 from nex.bus.link import NatsLink
-from nex.bus.server import free_port, nats_server_binary
 
 N = int(os.environ.get("BENCH_N", "3000"))
 WARMUP = 300
 TARGET = 1.5
-RESPONDER = """
-import asyncio, sys, nats
-async def main():
-    nc = await nats.connect(sys.argv[1])
-    async def echo(msg): await msg.respond(msg.data)
-    await nc.subscribe("bench.echo", cb=echo)
-    await nc.flush()
-    print("ready", flush=True)
-    await asyncio.Event().wait()
-asyncio.run(main())
-"""
 
 
 def summary(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
     return {
-        "p50_us": statistics.median(ordered) * 1e6,
-        "p95_us": ordered[int(len(ordered) * 0.95)] * 1e6,
-        "mean_us": statistics.fmean(ordered) * 1e6,
+        "p50_us": percentile(samples, 0.5) * 1e6,
+        "p95_us": percentile(samples, 0.95) * 1e6,
+        "mean_us": statistics.fmean(samples) * 1e6,
     }
 
 
@@ -128,31 +113,15 @@ def trio_run(fn: Callable[..., Awaitable[list[float]]], *args: object) -> list[f
 def main() -> None:
     out = Path(__file__).parent / "results" / "bus_overhead.json"
     out.parent.mkdir(exist_ok=True)
-    port = free_port("127.0.0.1")
-    url = f"nats://127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory() as work:
-        server = subprocess.Popen(
-            [str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            cwd=work,
-        )
-        responder = subprocess.Popen([sys.executable, "-c", RESPONDER, url], stdout=subprocess.PIPE, text=True)
-        try:
-            assert responder.stdout is not None
-            assert responder.stdout.readline().strip() == "ready"
-            results = {
-                "raw socket (floor)": raw_socket(port),
-                "plain nats-py (asyncio)": asyncio.run(plain_nats_py(url)),
-                "bridge, threads on one core": trio_run(bridge, url, True),
-                "bridge, threads apart": trio_run(bridge, url, False),
-                "thread hop, one core": trio_run(thread_hop, True),
-                "thread hop, apart": trio_run(thread_hop, False),
-            }
-        finally:
-            responder.kill()
-            server.terminate()
-            server.wait()
+    with echo_server() as (url, port):
+        results = {
+            "raw socket (floor)": raw_socket(port),
+            "plain nats-py (asyncio)": asyncio.run(plain_nats_py(url)),
+            "bridge, threads on one core": trio_run(bridge, url, True),
+            "bridge, threads apart": trio_run(bridge, url, False),
+            "thread hop, one core": trio_run(thread_hop, True),
+            "thread hop, apart": trio_run(thread_hop, False),
+        }
     stats = {name: summary(samples) for name, samples in results.items()}
     baseline = stats["plain nats-py (asyncio)"]["p50_us"]
     ratio = stats["bridge, threads on one core"]["p50_us"] / baseline

@@ -35,10 +35,10 @@ import time
 from pathlib import Path
 
 import nats
+from common import echo_server, percentile
 from rich.console import Console
 from rich.table import Table
 
-from nex.bus.server import free_port, nats_server_binary
 from nex.net import netns
 
 SIZES = (1, 8, 32)
@@ -46,22 +46,6 @@ REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
 REPLACEMENTS = int(os.environ.get("BENCH_REPLACEMENTS", "15"))
 NEX = shutil.which("nex") or str(Path(sys.executable).parent / "nex")
 TARGETS = {"ready_32_s": 1.0, "replacement_p50_ms": 30.0, "node_rss_32_mib": 120.0}
-RESPONDER = """
-import asyncio, sys, nats
-async def main():
-    nc = await nats.connect(sys.argv[1])
-    async def echo(msg): await msg.respond(msg.data)
-    await nc.subscribe("bench.echo", cb=echo)
-    await nc.flush()
-    print("ready", flush=True)
-    await asyncio.Event().wait()
-asyncio.run(main())
-"""
-
-
-def pct(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
 class Node:
@@ -206,17 +190,7 @@ def main() -> None:
     results: dict[str, object] = {"cpus": os.cpu_count(), "namespaced": namespaced, "targets": TARGETS}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        port = free_port("127.0.0.1")
-        url = f"nats://127.0.0.1:{port}"
-        server = subprocess.Popen(
-            [str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        responder = subprocess.Popen([sys.executable, "-c", RESPONDER, url], stdout=subprocess.PIPE, text=True)
-        try:
-            assert responder.stdout is not None
-            assert responder.stdout.readline().strip() == "ready"
+        with echo_server() as (url, _):
             sizes: dict[str, object] = {}
             for size in SIZES:
                 ready, warmups, rss, pss = [], [], [], []
@@ -232,8 +206,8 @@ def main() -> None:
                 sizes[str(size)] = {
                     "ready_s": statistics.median(ready),
                     "ready_runs_s": ready,
-                    "warmup_p50_ms": pct(warmups, 0.5),
-                    "warmup_p95_ms": pct(warmups, 0.95),
+                    "warmup_p50_ms": percentile(warmups, 0.5),
+                    "warmup_p95_ms": percentile(warmups, 0.95),
                     "node_rss_mib": statistics.median(rss),
                     "zygote_and_agents_pss_mib": statistics.median(pss),
                 }
@@ -254,20 +228,16 @@ def main() -> None:
             results["replacement"] = {
                 "pool_size": 8,
                 "samples": len(replacements),
-                "p50_ms": pct(replacements, 0.5) * 1000,
-                "p95_ms": pct(replacements, 0.95) * 1000,
+                "p50_ms": percentile(replacements, 0.5) * 1000,
+                "p95_ms": percentile(replacements, 0.95) * 1000,
             }
             binary = static_binary(work)
             limits: dict[str, float] = {}
             if binary is not None:
-                limits["fork_exec_static_p50_ms"] = pct(time_fork_exec(binary), 0.5) * 1000
-            limits["python_c_pass_p50_ms"] = pct(time_python(), 0.5) * 1000
-            limits["nats_connect_request_p50_ms"] = pct(time_nats_connect_request(url), 0.5) * 1000
+                limits["fork_exec_static_p50_ms"] = percentile(time_fork_exec(binary), 0.5) * 1000
+            limits["python_c_pass_p50_ms"] = percentile(time_python(), 0.5) * 1000
+            limits["nats_connect_request_p50_ms"] = percentile(time_nats_connect_request(url), 0.5) * 1000
             results["limits"] = limits
-        finally:
-            responder.kill()
-            server.terminate()
-            server.wait()
     report(console, results)
     out.write_text(json.dumps(results, indent=2))
     console.print(f"wrote {out}")
