@@ -1,30 +1,49 @@
 """A control-API client, as the CLI uses it: plain nats-py on asyncio (a short-lived process).
 
 Discovery is nex's scatter/gather: publish ``$NEX.PING`` with a fresh inbox as the reply subject and
-collect every answer until the timeout, or until ``expect`` nodes have answered. Requests to one node
-(``INFO``, ``LAMEDUCK``) are plain request/reply; a failure envelope becomes a :class:`NexError`
-carrying the node's reason.
+collect every answer until the timeout, or until ``expect`` nodes have answered (``$NEX.WPING`` finds
+workloads the same way). Requests to one node (``INFO``, ``LAMEDUCK``, ``DEPLOY``, ``STOP``) are plain
+request/reply; a failure envelope becomes a :class:`NexError` carrying the node's reason.
+
+Deploy and stop requests are signed with the requester's keys, kept as nex keeps them: an account
+seed in ``~/.nex/issuer.nk`` (the workloads' issuer) and a curve seed in ``~/.nex/publisher.xk`` (the
+sender of sealed environments), both made on first use.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
+import os
 import re
+import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import msgspec
 import nats
 import nats.errors
+import nats.js.errors
+import nkeys
 from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import ObjectStoreConfig
 
+from nex import crypto
 from nex.api import control, subjects
 from nex.bus.errors import reason
+from nex.workload import request as workload_request
 
 T = TypeVar("T")
 
 DEFAULT_SERVER = "nats://127.0.0.1:4222"
+DISCOVERY_WINDOW = 0.75  # how long to collect ping answers when picking a node
+UPLOAD_BUCKET = "NEXCLIFILES"  # nex devrun's bucket
+UPLOAD_MAX_BYTES = 100 * 1024 * 1024  # nex's objectStoreMaxBytes
 
 
 class NexError(Exception):
@@ -43,6 +62,41 @@ def parse_duration(text: str) -> float:
         raise ValueError(f"{text!r} is not a duration (examples: 2s, 500ms, 1m30s, 1h)")
     scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
     return sum(float(number) * scale[unit] for number, unit in parts)
+
+
+@dataclass(frozen=True)
+class RequesterKeys:
+    """The issuer account key that signs workload JWTs and the xkey that seals environments."""
+
+    issuer: nkeys.KeyPair
+    xkey: crypto.XKey
+
+    @classmethod
+    def load_or_create(cls, directory: Path) -> RequesterKeys:
+        """``issuer.nk`` and ``publisher.xk`` in ``directory``, created (0600) on first use."""
+        issuer_path, xkey_path = directory / "issuer.nk", directory / "publisher.xk"
+        issuer_seed = crypto.read_or_create_seed(
+            issuer_path, lambda: crypto.encode_seed(crypto.PREFIX_ACCOUNT, os.urandom(32))
+        )
+        xkey_seed = crypto.read_or_create_seed(xkey_path, lambda: crypto.XKey.generate().seed)
+        try:
+            issuer = crypto.signing_key_from_seed(issuer_seed, crypto.PREFIX_ACCOUNT)
+        except (crypto.InvalidKey, nkeys.NkeysError) as exc:
+            raise NexError(f"{issuer_path} does not hold an account (SA…) seed: {exc}") from None
+        try:
+            xkey = crypto.XKey.from_seed(xkey_seed)
+        except crypto.InvalidKey as exc:
+            raise NexError(f"{xkey_path} does not hold an xkey (SX…) seed: {exc}") from None
+        return cls(issuer, xkey)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A workload binary in a JetStream object store."""
+
+    location: str  # nats://BUCKET/key
+    hash: str  # sha256 hex
+    size: int
 
 
 class NexClient:
@@ -84,37 +138,28 @@ class NexClient:
 
     async def ping(self, expect: int | None = None) -> list[control.PingResponse]:
         """Every node that answers ``$NEX.PING`` within the timeout (sooner once ``expect`` answered)."""
-        inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe(inbox)
-        found: list[control.PingResponse] = []
-        try:
-            await self.nc.publish(subjects.PING, b"", reply=inbox)
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + self.timeout
-            while expect is None or len(found) < expect:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    msg = await sub.next_msg(timeout=remaining)
-                except nats.errors.TimeoutError:
-                    break
-                with contextlib.suppress(NexError, msgspec.DecodeError):
-                    found.append(_unwrap(msg.data, control.PingResponse))
-        finally:
-            await sub.unsubscribe()
+        found = await self._gather(subjects.PING, control.PingResponse, expect)
         return sorted(found, key=lambda n: (n.tags.get("node_name", ""), n.node_id))
 
     async def resolve(self, node_id: str | None) -> str:
         """A full node id from ``node_id`` (a full id, or a unique prefix) or, if None, the only node."""
+        return (await self.find(node_id)).node_id
+
+    async def find(self, node_id: str | None) -> control.PingResponse:
+        """The ping answer of one node: ``node_id`` (a full id, or a unique prefix) or, if None, the only one.
+
+        A full id is asked directly; otherwise nodes are discovered for :data:`DISCOVERY_WINDOW`
+        (nex devrun's 750 ms), or --timeout if that is shorter.
+        """
         if node_id and len(node_id) == 56 and node_id.startswith("N"):
-            return node_id
-        nodes = await self.ping()
+            return await self._request(subjects.ping(node_id), b"", control.PingResponse)
+        window = min(self.timeout, DISCOVERY_WINDOW)
+        nodes = await self._gather(subjects.PING, control.PingResponse, None, window=window)
         if not nodes:
-            raise NexError(f"no nodes answered on {subjects.PING} within {self.timeout:g}s")
+            raise NexError(f"no nodes answered on {subjects.PING} within {window:g}s")
         matches = [n for n in nodes if node_id is None or n.node_id.startswith(node_id)]
         if len(matches) == 1:
-            return matches[0].node_id
+            return matches[0]
         if not matches:
             raise NexError(f"no node's id starts with {node_id!r}; known: {', '.join(n.node_id for n in nodes)}")
         listing = "\n".join(f"  {n.node_id}  {n.tags.get('node_name', '')}" for n in matches)
@@ -129,6 +174,118 @@ class NexClient:
         if deadline is not None:
             body = msgspec.json.encode(control.LameDuckRequest(deadline_ms=int(deadline * 1000)))
         return await self._request(subjects.lameduck(node_id), body, control.LameDuckResponse)
+
+    async def upload(self, data: bytes, key: str) -> Artifact:
+        """Put ``data`` in the object store NEXCLIFILES under ``key`` (as nex devrun does)."""
+        js = self.nc.jetstream()
+        try:
+            try:
+                store = await js.object_store(UPLOAD_BUCKET)
+            except nats.js.errors.NotFoundError:
+                config = ObjectStoreConfig(max_bytes=UPLOAD_MAX_BYTES, description="nex: workloads uploaded by nex run")
+                store = await js.create_object_store(UPLOAD_BUCKET, config=config)
+            await store.put(key, data)
+        except nats.errors.Error as exc:
+            raise NexError(
+                f"cannot upload {key} to the object store {UPLOAD_BUCKET}: {reason(exc)} "
+                "(the NATS server needs JetStream; `nex up` without --server starts one with it)"
+            ) from None
+        return Artifact(location=f"nats://{UPLOAD_BUCKET}/{key}", hash=hashlib.sha256(data).hexdigest(), size=len(data))
+
+    async def stored(self, location: str) -> Artifact:
+        """An artifact already in an object store, with the sha256 its digest records."""
+        bucket, _, key = location.removeprefix("nats://").partition("/")
+        if not location.startswith("nats://") or not bucket or not key.strip("/"):
+            raise NexError(f"{location!r} is not nats://BUCKET/key")
+        try:
+            store = await self.nc.jetstream().object_store(bucket)
+            info = await store.get_info(key.strip("/"))
+        except nats.errors.Error as exc:
+            raise NexError(f"cannot find {location}: {reason(exc)}") from None
+        algorithm, _, digest = (info.digest or "").partition("=")
+        if algorithm.upper() != "SHA-256" or not digest:
+            raise NexError(f"{location} has no SHA-256 digest to sign (digest {info.digest!r})")
+        raw = base64.urlsafe_b64decode(digest + "=" * (-len(digest) % 4))
+        return Artifact(location=location, hash=raw.hex(), size=info.size or 0)
+
+    async def deploy(self, node: control.PingResponse, body: bytes) -> control.RunResponse:
+        return await self._request(subjects.deploy(self.namespace, node.node_id), body, control.RunResponse)
+
+    async def probe(self, target: str | None = None, *, first: bool = False) -> list[control.WorkloadPingResponse]:
+        """The nodes running workloads (those whose id or name is ``target``), from ``$NEX.WPING``.
+
+        Nodes with nothing matching stay silent. ``first``: return with the first answer instead of
+        waiting out the timeout.
+        """
+        return await self._gather(
+            subjects.wping(self.namespace, target), control.WorkloadPingResponse, 1 if first else None
+        )
+
+    async def stop(self, workload_id: str, issuer: nkeys.KeyPair) -> control.StopResponse:
+        """Stop a workload, wherever it runs, with a stop JWT signed by ``issuer``.
+
+        A stop JWT issued in the same second as the deploy's is refused as a replay (nex's rule), so
+        then this waits for the next second and signs a new one, once.
+        """
+        answers = await self.probe(workload_id, first=True)
+        found = [(node, m) for node in answers for m in node.running_machines if m.id == workload_id]
+        if not found:
+            raise NexError(
+                f"no workload {workload_id!r} in namespace {self.namespace} answered within {self.timeout:g}s"
+            )
+        node, machine = found[0]
+        subject = subjects.stop(self.namespace, node.node_id)
+        for attempt in range(2):
+            body = workload_request.stop_request(workload_id, machine.name, node.node_id, issuer)
+            try:
+                return await self._request(subject, body, control.StopResponse)
+            except NexError as exc:
+                if attempt or "cloned or captured" not in str(exc):
+                    raise
+                await asyncio.sleep(1 - time.time() % 1 + 0.01)
+        raise AssertionError("unreachable")
+
+    async def watch(self, subject_list: list[str], duration: float | None) -> AsyncIterator[Msg]:
+        """Messages on these subjects as they come, for ``duration`` seconds (None: until cancelled)."""
+        queue: asyncio.Queue[Msg] = asyncio.Queue()
+
+        async def put(msg: Msg) -> None:
+            queue.put_nowait(msg)
+
+        subs = [await self.nc.subscribe(subject, cb=put) for subject in subject_list]
+        try:
+            deadline = None if duration is None else time.monotonic() + duration
+            while True:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return
+                try:
+                    yield await asyncio.wait_for(queue.get(), remaining)
+                except TimeoutError:
+                    return
+        finally:
+            for sub in subs:
+                with contextlib.suppress(nats.errors.Error):
+                    await sub.unsubscribe()
+
+    async def _gather(self, subject: str, kind: type[T], expect: int | None, *, window: float | None = None) -> list[T]:
+        """Scatter/gather: the answers to ``subject`` within ``window`` (the timeout), or the first ``expect``."""
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox)
+        found: list[T] = []
+        try:
+            await self.nc.publish(subject, b"", reply=inbox)
+            deadline = time.monotonic() + (self.timeout if window is None else window)
+            while (remaining := deadline - time.monotonic()) > 0 and (expect is None or len(found) < expect):
+                try:
+                    msg = await sub.next_msg(timeout=remaining)
+                except nats.errors.TimeoutError:
+                    break
+                with contextlib.suppress(NexError):  # a node that cannot answer is not one we can list
+                    found.append(_unwrap(msg.data, kind))
+        finally:
+            await sub.unsubscribe()
+        return found
 
     async def _request(self, subject: str, payload: bytes, kind: type[T]) -> T:
         try:

@@ -102,6 +102,9 @@ class NodeConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     state_dir: str | None = None
     heartbeat_interval_ms: int = 30_000
     lameduck_deadline_ms: int = 600_000
+    essential_restart_limit: int = 5  # restarts of an essential workload that keeps failing
+    essential_backoff_ms: int = 1_000  # wait before its first restart; doubles each time, at most 30 s
+    workload_stop_grace_ms: int = 5_000  # between SIGTERM and SIGKILL when a workload is stopped
     bus_thread_affinity: Literal["colocate", "none"] = "colocate"
     agent_launcher: Literal["zygote", "spawn"] = "zygote"
 
@@ -190,6 +193,9 @@ def validate(config: NodeConfig) -> list[str]:
     at_least(config.agent_ping_timeout_ms, 1, "$.agent_ping_timeout_ms")
     at_least(config.heartbeat_interval_ms, 100, "$.heartbeat_interval_ms")
     at_least(config.lameduck_deadline_ms, 0, "$.lameduck_deadline_ms")
+    at_least(config.essential_restart_limit, 0, "$.essential_restart_limit")
+    at_least(config.essential_backoff_ms, 0, "$.essential_backoff_ms")
+    at_least(config.workload_stop_grace_ms, 0, "$.workload_stop_grace_ms")
     for field in ("max_workloads", "max_workload_bytes", "max_total_bytes"):
         at_least(getattr(config.node_limits, field), 0, f"$.node_limits.{field}")
     if not 0 <= config.internal_node_port <= 65535:

@@ -11,13 +11,21 @@ Sealed data follows nkeys' xkv1 format, which nex uses for workload environments
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import nacl.exceptions
 import nacl.public
+import nacl.signing
 import nacl.utils
 import nkeys
+
+from nex.api import gojson
 
 PREFIX_SEED = nkeys.PREFIX_BYTE_SEED
 PREFIX_SERVER = nkeys.PREFIX_BYTE_SERVER  # N
@@ -125,10 +133,14 @@ class XKey:
     def public_key(self) -> str:
         return encode_public(PREFIX_CURVE, bytes(self._private.public_key))
 
-    def seal(self, plaintext: bytes, recipient: str) -> bytes:
-        """``xkv1`` ‖ nonce ‖ box(plaintext), from this key to ``recipient`` (an ``X…`` public key)."""
+    def seal(self, plaintext: bytes, recipient: str, *, nonce: bytes | None = None) -> bytes:
+        """``xkv1`` ‖ nonce ‖ box(plaintext), from this key to ``recipient`` (an ``X…`` public key).
+
+        ``nonce`` (24 bytes) is for test vectors only: a nonce must never be reused.
+        """
         box = nacl.public.Box(self._private, nacl.public.PublicKey(decode_public(recipient, PREFIX_CURVE)))
-        return XKEY_VERSION + bytes(box.encrypt(plaintext, nacl.utils.random(nacl.public.Box.NONCE_SIZE)))
+        nonce = nonce if nonce is not None else nacl.utils.random(nacl.public.Box.NONCE_SIZE)
+        return XKEY_VERSION + bytes(box.encrypt(plaintext, nonce))
 
     def open(self, sealed: bytes, sender: str) -> bytes:
         """The plaintext of ``sealed``, which ``sender`` (an ``X…`` public key) sealed to this key."""
@@ -164,8 +176,8 @@ class NodeIdentity:
     def load_or_create(cls, state_dir: Path) -> NodeIdentity:
         """Read ``node.nk`` and ``node.xk`` from ``state_dir``, creating them (mode 0600) if missing."""
         nk_path, xk_path = state_dir / "node.nk", state_dir / "node.xk"
-        nk_seed = _read_or_create(nk_path, lambda: encode_seed(PREFIX_SERVER, os.urandom(32)))
-        xk_seed = _read_or_create(xk_path, lambda: XKey.generate().seed)
+        nk_seed = read_or_create_seed(nk_path, lambda: encode_seed(PREFIX_SERVER, os.urandom(32)))
+        xk_seed = read_or_create_seed(xk_path, lambda: XKey.generate().seed)
         try:
             nkey = signing_key_from_seed(nk_seed, PREFIX_SERVER)
         except (InvalidKey, nkeys.NkeysError) as exc:
@@ -177,11 +189,11 @@ class NodeIdentity:
         return cls(nkey, xkey)
 
 
-def _read_or_create(path: Path, make: object) -> str:
+def read_or_create_seed(path: Path, make: Callable[[], str]) -> str:
+    """The seed in ``path``, or a new one from ``make()`` written there first (mode 0600, atomically)."""
     if path.exists():
         return path.read_text().strip()
-    assert callable(make)
-    seed = str(make())
+    seed = make()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -189,3 +201,97 @@ def _read_or_create(path: Path, make: object) -> str:
         handle.write(seed + "\n")
     tmp.rename(path)
     return seed
+
+
+# -- NATS JWTs ------------------------------------------------------------------------------------------
+
+JWT_HEADER = {"typ": "JWT", "alg": "ed25519-nkey"}
+
+
+class JwtError(ValueError):
+    """A JWT that does not decode, is not signed by its issuer, or whose claims are not valid now."""
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _unb64url(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class GenericClaims(msgspec.Struct, frozen=True):
+    """A decoded NATS generic-claims JWT (``jwt.GenericClaims``): standard claims and ``nats`` data."""
+
+    iss: str
+    sub: str = ""
+    jti: str = ""
+    iat: int = 0
+    exp: int = 0
+    nbf: int = 0
+    name: str = ""
+    aud: str = ""
+    nats: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    def text(self, key: str) -> str:
+        """A string in the ``nats`` data; "" when absent or not a string."""
+        value = self.nats.get(key)
+        return value if isinstance(value, str) else ""
+
+
+_BASE_CLAIMS = ("aud", "exp", "jti", "iat", "iss", "name", "nbf", "sub")  # Go's ClaimsData order
+
+
+def encode_generic_jwt(
+    issuer: nkeys.KeyPair, subject: str, data: dict[str, object], *, issued_at: int | None = None
+) -> str:
+    """A NATS v2 generic-claims JWT, byte for byte as Go's ``jwt.GenericClaims.Encode`` makes it.
+
+    The ``jti`` is the SHA-512/256 of the base claims (without ``jti``) in unpadded base32; ``nats``
+    holds ``data`` plus ``"version": 2``, keys sorted as Go sorts map keys.
+    """
+    base: dict[str, object] = {
+        "iat": issued_at if issued_at is not None else int(time.time()),
+        "iss": issuer.public_key.decode(),
+        "sub": subject,
+    }
+    ordered = {key: base[key] for key in _BASE_CLAIMS if key in base}
+    jti = base64.b32encode(hashlib.new("sha512_256", gojson.dumps(ordered)).digest()).decode().rstrip("=")
+    full = {**base, "jti": jti}
+    claims = {key: full[key] for key in _BASE_CLAIMS if key in full}
+    claims["nats"] = gojson.go_map({**data, "version": 2})
+    signing_input = f"{_b64url(gojson.dumps(JWT_HEADER))}.{_b64url(gojson.dumps(claims))}"
+    return f"{signing_input}.{_b64url(issuer.sign(signing_input.encode()))}"
+
+
+def decode_generic_jwt(token: str, *, now: float | None = None) -> GenericClaims:
+    """The claims of ``token`` after checking its header, its signature by ``iss``, and ``exp``/``nbf``.
+
+    Raises:
+        JwtError: saying which of those failed.
+    """
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise JwtError("not a JWT (expected header.claims.signature)")
+    try:
+        header = msgspec.json.decode(_unb64url(parts[0]), type=dict[str, Any])
+        claims = msgspec.json.decode(_unb64url(parts[1]), type=GenericClaims)
+        signature = _unb64url(parts[2])
+    except (ValueError, msgspec.DecodeError) as exc:
+        raise JwtError(f"cannot decode the JWT: {exc}") from None
+    if header.get("alg") != JWT_HEADER["alg"]:
+        raise JwtError(f"unsupported JWT algorithm {header.get('alg')!r} (expected {JWT_HEADER['alg']})")
+    prefix = {"A": PREFIX_ACCOUNT, "U": PREFIX_USER, "N": PREFIX_SERVER}.get(claims.iss[:1])
+    if prefix is None or not is_public_key(claims.iss, prefix):
+        raise JwtError(f"the JWT's issuer {claims.iss[:8]!r} is not a public account, user or server nkey")
+    try:
+        public = nacl.signing.VerifyKey(decode_public(claims.iss, prefix))
+        public.verify(f"{parts[0]}.{parts[1]}".encode(), signature)
+    except (nacl.exceptions.BadSignatureError, InvalidKey, ValueError) as exc:
+        raise JwtError(f"the JWT's signature does not verify against its issuer: {exc}") from None
+    moment = time.time() if now is None else now
+    if claims.exp > 0 and moment > claims.exp:
+        raise JwtError("standard claims within JWT are not valid: it has expired")
+    if claims.nbf > 0 and claims.nbf > moment:
+        raise JwtError("standard claims within JWT are not valid: it is not valid yet")
+    return claims

@@ -26,6 +26,11 @@ from nats.aio.msg import Msg
 
 from nex.api import agent as api
 
+from .runner import UNDEPLOY_GRACE, Runner
+
+#: the running agent's workload runner (one per process; kept here for the stop path)
+RUNNERS: dict[str, Runner] = {}
+
 HANDSHAKE_ATTEMPTS = 10
 HANDSHAKE_TIMEOUT = 0.5
 RECONNECT_ATTEMPTS = 20  # × RECONNECT_WAIT: how long an agent outlives a silent node
@@ -82,6 +87,9 @@ async def run(meta: api.MachineMetadata) -> int:
         return 1
     log(f"handshake accepted by the node at nats://{meta.node_nats_host}:{meta.node_nats_port}")
     await stopped.wait()
+    runner = RUNNERS.pop(meta.vmid, None)
+    if runner is not None:
+        await runner.terminate(runner_grace())  # signalled: the workload goes first
     if not nc.is_closed:
         try:
             await asyncio.wait_for(nc.drain(), 2)
@@ -121,23 +129,16 @@ async def start(meta: api.MachineMetadata, stopped: asyncio.Event) -> Client | N
     except Exception as exc:
         log(f"cannot connect to the node at {url}: {exc!r}")
         return None
+    runner = Runner(nc, meta.vmid, stopped, log)
+    RUNNERS[meta.vmid] = runner
     try:
 
         async def on_ping(msg: Msg) -> None:
             await msg.respond(b"OK")
 
-        async def on_undeploy(msg: Msg) -> None:
-            await msg.respond(b"")
-            log("undeployed")
-            stopped.set()
-
-        async def on_deploy(msg: Msg) -> None:
-            reply = api.DeployResponse(accepted=False, message="this agent does not run workloads yet")
-            await msg.respond(msgspec.json.encode(reply))
-
         await nc.subscribe(api.ping(meta.vmid), cb=on_ping)
-        await nc.subscribe(api.undeploy(meta.vmid), cb=on_undeploy)
-        await nc.subscribe(api.deploy(meta.vmid), cb=on_deploy)
+        await nc.subscribe(api.undeploy(meta.vmid), cb=runner.on_undeploy)
+        await nc.subscribe(api.deploy(meta.vmid), cb=runner.on_deploy)
         if not await handshake(nc, meta.vmid):
             await nc.close()
             return None
@@ -164,6 +165,10 @@ async def handshake(nc: Client, vmid: str) -> bool:
             await asyncio.sleep(0.05)
     log(f"the node did not accept the handshake after {HANDSHAKE_ATTEMPTS} attempts")
     return False
+
+
+def runner_grace() -> float:
+    return UNDEPLOY_GRACE
 
 
 def run_from_env() -> int:

@@ -40,6 +40,14 @@ def undeploy(vmid: str) -> str:
     return subject(vmid, "undeploy")
 
 
+def logs(vmid: str) -> str:
+    return subject(vmid, "logs")
+
+
+def events(vmid: str, event_type: str = "*") -> str:
+    return subject(vmid, f"events.{event_type}")
+
+
 def inbox_prefix(vmid: str) -> str:
     """The agent's own reply-inbox prefix, so its credentials need not cover anyone else's replies."""
     return f"_INBOX_{vmid}"
@@ -62,6 +70,59 @@ class HandshakeRequest(msgspec.Struct, omit_defaults=True):
     id: str
     start_time: str
     message: str = ""
+
+
+class AgentDeployRequest(msgspec.Struct, omit_defaults=True):
+    """What the node asks of an agent on ``agentint.{vmid}.deploy`` (nex's ``agentapi.DeployRequest``).
+
+    The environment is in clear here: only this agent's credentials reach this subject. The artifact
+    is in the object store ``NEXCACHE_{vmid}`` under the key ``workload``.
+    """
+
+    workload_name: str
+    namespace: str
+    hash: str
+    total_bytes: int
+    workload_type: str = "native"
+    argv: list[str] = []
+    environment: dict[str, str] = {}
+    description: str = ""
+    essential: bool = False
+
+
+class LogEntry(msgspec.Struct, omit_defaults=True):
+    """A line of the workload's output, published on ``agentint.{vmid}.logs``."""
+
+    source: str = ""
+    level: int = 4  # nex's agent levels: 2 error (stderr), 4 info (stdout)
+    text: str = ""
+
+
+class WorkloadStatus(msgspec.Struct, omit_defaults=True):
+    """``workload_started`` / ``workload_stopped`` data, as the agent reports it."""
+
+    workload_name: str
+    code: int = 0
+    message: str = ""
+
+
+def bucket(vmid: str) -> str:
+    """The object store that holds one machine's artifact (its agent may read only this one)."""
+    return f"NEXCACHE_{vmid}"
+
+
+ARTIFACT_KEY = "workload"
+LEVEL_ERROR = 2
+LEVEL_INFO = 4
+
+
+class UndeployRequest(msgspec.Struct, omit_defaults=True):
+    """``agentint.{vmid}.undeploy``: stop the workload (SIGTERM, then SIGKILL after ``grace_ms``).
+
+    The agent answers once the workload is gone. An empty body means the default grace.
+    """
+
+    grace_ms: int = 5_000
 
 
 class DeployResponse(msgspec.Struct, omit_defaults=True):

@@ -60,6 +60,7 @@ class MachineSummary(msgspec.Struct, omit_defaults=True):
     uptime: str
     workload: WorkloadSummary
     namespace: str = ""
+    ip: str = ""  # an extension: the machine's address
 
 
 class PingResponse(msgspec.Struct, omit_defaults=True):
@@ -116,6 +117,88 @@ class LameDuckRequest(msgspec.Struct, omit_defaults=True):
 class LameDuckResponse(msgspec.Struct):
     node_id: str
     success: bool
+
+
+class GoUrl(msgspec.Struct):
+    """A Go ``net/url.URL`` as ``encoding/json`` writes it (nex's Go client sends ``location`` so)."""
+
+    Scheme: str = ""
+    Host: str = ""
+    Path: str = ""
+
+
+class DeployRequest(msgspec.Struct, omit_defaults=True):
+    """``$NEX.DEPLOY.{ns}.{node}`` (reference §2.1). Unknown fields are ignored.
+
+    ``location`` is ``nats://BUCKET/key``: a string, or the URL object nex's Go client sends. There is
+    no name or hash field in v0.2: both come from the JWT (``sub`` and ``nats.hash``); later nex
+    versions also send ``workload_name`` and ``hash``, which must then agree with the JWT.
+    """
+
+    workload_jwt: str | None = None
+    environment: str | None = None
+    sender_public_key: str | None = None
+    location: str | GoUrl | None = None
+    type: str | None = None
+    argv: list[str] = []
+    description: str | None = None
+    essential: bool | None = None
+    jsdomain: str | None = None
+    target_node: str | None = None
+    trigger_subjects: list[str] = []
+    retry_count: int | None = None
+    workload_name: str | None = None
+    hash: str | None = None
+
+    def location_url(self) -> str:
+        if isinstance(self.location, GoUrl):
+            return f"{self.location.Scheme}://{self.location.Host}{self.location.Path}"
+        return self.location or ""
+
+
+class StopRequest(msgspec.Struct):
+    """``$NEX.STOP.{ns}.{node}``: a fresh JWT from the issuer that deployed, ``sub`` = the workload name."""
+
+    workload_id: str
+    workload_jwt: str
+    target_node: str = ""
+
+
+class WorkloadPingMachine(msgspec.Struct):
+    id: str
+    namespace: str
+    name: str
+    type: str
+
+
+class WorkloadPingResponse(msgspec.Struct, omit_defaults=True):
+    node_id: str
+    target_xkey: str
+    version: str
+    uptime: str
+    running_machines: list[WorkloadPingMachine]
+    tags: dict[str, str] = {}
+
+
+class RawLog(msgspec.Struct):
+    """A workload's output line on ``$NEX.logs.{ns}.{node}.{workload}.{vmid}``; ``id`` is the machine."""
+
+    text: str
+    level: str
+    id: str
+
+
+class EmittedLog(msgspec.Struct):
+    """A log line as ``nex logs --json`` prints it: the raw line plus what its subject says."""
+
+    namespace: str
+    node_id: str
+    workload_name: str
+    workload_id: str
+    timestamp: str
+    text: str
+    level: str
+    id: str
 
 
 class RunResponse(msgspec.Struct):

@@ -15,6 +15,8 @@ NODE_STARTED = "node_started"
 NODE_STOPPED = "node_stopped"
 NODE_ENTERED_LAMEDUCK = "node_entered_lameduck"
 HEARTBEAT = "heartbeat"
+WORKLOAD_STARTED = "workload_started"
+WORKLOAD_STOPPED = "workload_stopped"
 
 
 class CloudEvent(msgspec.Struct):
@@ -49,6 +51,16 @@ class HeartbeatData(msgspec.Struct):
     uptime: str
     running_machines: int
     tags: dict[str, str] = {}
+
+
+class WorkloadEventData(msgspec.Struct, omit_defaults=True):
+    """``workload_started`` / ``workload_stopped``: nex's agent fields plus the machine and workload id."""
+
+    workload_name: str
+    code: int = 0
+    message: str = ""
+    id: str = ""
+    namespace: str = ""
 
 
 def now_rfc3339() -> str:

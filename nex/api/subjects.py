@@ -50,15 +50,17 @@ def log(namespace: str, node: str, workload: str, vmid: str) -> str:
 
 def node_subscriptions(node: str) -> list[str]:
     """What a node subscribes to on its control connection (reference §1.1)."""
-    return [
-        PING,
-        ping(node),
-        f"{API_PREFIX}.WPING.>",
-        info("*", node),
-        deploy("*", node),
-        stop("*", node),
-        lameduck(node),
-    ]
+    return control_subscriptions(node) + workload_subscriptions(node)
+
+
+def control_subscriptions(node: str) -> list[str]:
+    """The node's own questions: ping, info, lame duck (answered by the control API)."""
+    return [PING, ping(node), info("*", node), lameduck(node)]
+
+
+def workload_subscriptions(node: str) -> list[str]:
+    """Requests about workloads: deploy, stop, workload ping (answered by the workload manager)."""
+    return [deploy("*", node), stop("*", node), f"{API_PREFIX}.WPING.>"]
 
 
 def namespace_of(subject: str) -> str | None:

@@ -1,9 +1,10 @@
 """Who may connect to the internal server: the node, and each agent with access to its own subjects only.
 
 Every agent connects as its own nkey user, allowed to publish and subscribe on ``agentint.{vmid}.>``,
-to subscribe on its own reply inbox ``_INBOX_{vmid}.>``, and to answer the requests it receives;
-nothing else. So one agent can neither see nor speak for another (nex v0.2.2 let every VM talk on
-every subject; v0.2.7 gave each agent an account). The node's own user may do anything.
+to subscribe on its own reply inbox ``_INBOX_{vmid}.>``, to answer the requests it receives, and to
+read its machine's own object store (``NEXCACHE_{vmid}``); nothing else. So one agent can neither see
+nor speak for another (nex v0.2.2 let every VM talk on every subject; v0.2.7 gave each agent an
+account). The node's own user may do anything.
 
 Users live in the server's config file; a change takes a reload (about 15 ms here). To keep reloads
 off a machine's start, credentials are made ahead of need: a stock of (machine id, key) pairs already
@@ -72,7 +73,7 @@ class AgentCredentials:
                 {
                     "nkey": public,
                     "permissions": {
-                        "publish": {"allow": [own]},
+                        "publish": {"allow": [own, *_artifact_api(vmid)]},
                         "subscribe": {"allow": [own, f"{agent_api.inbox_prefix(vmid)}.>"]},
                         "allow_responses": True,
                     },
@@ -132,3 +133,22 @@ class AgentCredentials:
     async def _wait_applied(self, change: int) -> None:
         while self._applied < change:
             await self._reloaded.wait()
+
+
+def _artifact_api(vmid: str) -> list[str]:
+    """The JetStream API an agent needs to read its machine's object store, and no other store's.
+
+    ``STREAM.NAMES`` (nats-py looks a stream up by subject) reveals names only, not contents.
+    """
+    stream = f"OBJ_{agent_api.bucket(vmid)}"
+    return [
+        f"$JS.API.STREAM.INFO.{stream}",
+        "$JS.API.STREAM.NAMES",
+        f"$JS.API.DIRECT.GET.{stream}.>",
+        f"$JS.API.STREAM.MSG.GET.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}.>",
+        f"$JS.API.CONSUMER.DELETE.{stream}.>",
+        f"$JS.API.CONSUMER.INFO.{stream}.>",
+        f"$JS.FC.{stream}.>",
+    ]

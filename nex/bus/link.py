@@ -20,7 +20,8 @@ import asyncio
 import collections
 import contextlib
 import itertools
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import msgspec
 import nats
@@ -36,6 +37,7 @@ from .aio import AsyncioThread
 from .errors import reason
 
 log = logs.get("nex.bus")
+T = TypeVar("T")
 
 
 class InboundMsg(Message):
@@ -261,6 +263,10 @@ class NatsLink:
         if self._subs.pop(sub.id, None) is not None and sub._nats is not None and self._nc is not None:
             with contextlib.suppress(nats.errors.Error):
                 await self.aio.run(sub._nats.unsubscribe)
+
+    async def call(self, fn: Callable[[Client], Coroutine[Any, Any, T]]) -> T:
+        """Run ``fn(client)`` on the asyncio thread: for nats-py APIs the link does not wrap (JetStream)."""
+        return await self.aio.run(fn, self._client())
 
     def new_inbox(self) -> str:
         return str(self._client().new_inbox())

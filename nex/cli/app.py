@@ -1,4 +1,4 @@
-"""The ``nex`` command line: run a node, find nodes, inspect one, put one in lame duck.
+"""The ``nex`` command line: run a node, find nodes, inspect one, put one in lame duck, run workloads.
 
 Every command takes ``--server/-s`` (or ``NATS_URL``); the client commands also take ``--timeout``
 (a duration: ``2s``, ``500ms``) and ``--namespace`` (or ``NEX_NAMESPACE``). ``nex node up|ls|info``
@@ -8,15 +8,21 @@ are aliases for nex users. Exit codes: 0 success, 1 failure, 2 bad usage or conf
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 from cyclopts import App, Parameter
+from nats.aio.msg import Msg
 
 from nex import __version__
-from nex.client import NexClient, NexError, parse_duration
+from nex.api import control, subjects
+from nex.client import NexClient, NexError, RequesterKeys, parse_duration
+from nex.workload import request as workload_request
+from nex.workload.names import NAME_RULE
 
 from . import render
 
@@ -24,7 +30,7 @@ T = TypeVar("T")
 
 app = App(
     name="nex",
-    help="NATS execution engine: run a node, list nodes, inspect one, put one in lame duck.",
+    help="NATS execution engine: run a node, list and inspect nodes, run workloads and watch them.",
     version=__version__,
 )
 node_app = App(name="node", help="Node commands (the same as the top-level ones, as in nex).")
@@ -44,7 +50,7 @@ class Query:
     timeout: str = "2s"
     """How long to wait for answers (2s, 500ms, …)."""
     namespace: Annotated[str, Parameter(env_var="NEX_NAMESPACE")] = "default"
-    """Namespace of workloads to show."""
+    """Namespace of the workloads to run, stop or show."""
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -168,12 +174,7 @@ def _up(
     from nex import logs
     from nex.node.node import Node, NodeError
 
-    overrides: dict[str, Any] = {}
-    for item in tag:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise _UsageError(f"--tag {item!r}: give tags as KEY=VALUE")
-        overrides[f"tags.{key}"] = value
+    overrides: dict[str, Any] = {f"tags.{key}": value for key, value in _pairs("--tag", tag).items()}
     simple = {"machine_pool_size": pool_size, "internal_node_port": internal_port, "tags.node_name": name}
     overrides.update({k: v for k, v in simple.items() if v is not None})
     for flag, key, text in (
@@ -304,6 +305,248 @@ def lameduck(
         return 0
 
     return _guard(run)
+
+
+@Parameter(name="*")
+@dataclass
+class Keys:
+    keys: Annotated[Path | None, Parameter(env_var="NEX_KEYS")] = None
+    """Directory of issuer.nk (account seed that signs workload JWTs) and publisher.xk (xkey that seals
+    environments), created on first use [default: ~/.nex]."""
+
+    def load(self) -> RequesterKeys:
+        return RequesterKeys.load_or_create(self.keys or Path.home() / ".nex")
+
+
+@app.command
+def run(
+    target: str,
+    /,
+    *,
+    name: str | None = None,
+    env: Annotated[list[str] | None, Parameter(negative="")] = None,
+    argv: Annotated[list[str] | None, Parameter(negative="")] = None,
+    essential: bool = False,
+    description: str = "",
+    node: str | None = None,
+    json: Annotated[bool, Parameter(negative="")] = False,
+    keys: Keys = Keys(),  # noqa: B008
+    conn: Connection = Connection(),  # noqa: B008
+    query: Query = Query(),  # noqa: B008
+) -> int:
+    """Run a static executable on a node (nex's devrun and run in one).
+
+    A FILE is uploaded to the object store NEXCLIFILES first; nats://BUCKET/key names one already
+    stored. The environment is sealed to the node's xkey; the workload JWT, which carries the file's
+    sha256, is signed with your issuer key.
+
+    Parameters
+    ----------
+    target
+        A static executable to upload, or nats://BUCKET/key.
+    name
+        The workload's name (letters, digits, _ and -) [default: from the file or key name].
+    env
+        An environment variable for the workload, KEY=VALUE; repeat for more.
+    argv
+        An argument for the workload; repeat for more.
+    essential
+        Run it again (with backoff, a few times) when it exits with an error.
+    description
+        Free text shown with the workload.
+    node
+        The node's id (or a unique prefix of it); optional when exactly one node answers.
+    json
+        Print the node's run response as JSON.
+    """
+
+    def run_() -> int:
+        environment = _pairs("--env", env or [])
+        source = None if target.startswith("nats://") else Path(target)
+        workload = name or _default_name(target)
+        if not NAME_RULE.match(workload):
+            raise _UsageError(f"--name: {workload!r} is not a workload name (letters, digits, _ and - only)")
+        data = b""
+        if source is not None:
+            try:
+                data = source.read_bytes()
+            except OSError as exc:
+                raise _UsageError(f"cannot read {source}: {exc.strerror}") from None
+        requester = keys.load()
+
+        async def body(client: NexClient) -> tuple[control.RunResponse, control.PingResponse]:
+            found = await client.find(node)
+            artifact = await (client.upload(data, workload) if source is not None else client.stored(target))
+            deploy = workload_request.Deploy(
+                location=artifact.location,
+                name=workload,
+                hash=artifact.hash,
+                node_id=found.node_id,
+                node_xkey=found.target_xkey,
+                environment=environment,
+                argv=argv or [],
+                description=description,
+                essential=essential,
+            )
+            request = workload_request.deploy_request(deploy, requester.issuer, requester.xkey)
+            return await client.deploy(found, request), found
+
+        response, found = _client_command(conn, query, body)
+        if json:
+            print(render.to_json(response))
+        else:
+            print(
+                f"🚀 Workload '{response.name}' accepted. You can now refer to this workload with ID: "
+                f"{response.id} on node {found.node_id}"
+            )
+        return 0
+
+    return _guard(run_)
+
+
+@app.command
+def stop(
+    workload_id: str,
+    /,
+    *,
+    json: Annotated[bool, Parameter(negative="")] = False,
+    keys: Keys = Keys(),  # noqa: B008
+    conn: Connection = Connection(),  # noqa: B008
+    query: Query = Query(),  # noqa: B008
+) -> int:
+    """Stop a workload: it gets SIGTERM, a grace period, then SIGKILL, and its machine is torn down.
+
+    Only the issuer that deployed it may stop it: the stop JWT is signed with your issuer key.
+
+    Parameters
+    ----------
+    workload_id
+        The workload's id, as `nex run` printed it.
+    json
+        Print the node's stop response as JSON.
+    """
+
+    def run_() -> int:
+        requester = keys.load()
+        response = _client_command(conn, query, lambda client: client.stop(workload_id, requester.issuer))
+        if json:
+            print(render.to_json(response))
+        else:
+            print(f"✅ Workload '{response.name}' stopped.")
+        return 0
+
+    return _guard(run_)
+
+
+@app.command
+def logs(
+    *,
+    workload: str | None = None,
+    node: str | None = None,
+    follow: Annotated[bool, Parameter(name=["--follow", "-f"], negative="")] = False,
+    json: Annotated[bool, Parameter(negative="")] = False,
+    conn: Connection = Connection(),  # noqa: B008
+    query: Query = Query(),  # noqa: B008
+) -> int:
+    """Print workloads' output lines (stdout as INFO, stderr as ERROR) as they are published.
+
+    Lines are not stored: without --follow this prints what arrives within --timeout and exits.
+
+    Parameters
+    ----------
+    workload
+        Only this workload (its name or its id).
+    node
+        Only workloads on this node (its full id).
+    follow
+        Keep printing until interrupted.
+    json
+        One JSON object per line.
+    """
+    pattern = subjects.log(query.namespace, node or "*", "*", "*")
+
+    def keep(msg: Msg) -> bool:
+        tokens = msg.subject.split(".")
+        return workload is None or workload in tokens[4:6]
+
+    return _stream(
+        conn, query, [pattern], follow, keep, lambda msg: render.log_line(msg.subject, msg.data, json), "log lines"
+    )
+
+
+@app.command
+def events(
+    *,
+    follow: Annotated[bool, Parameter(name=["--follow", "-f"], negative="")] = False,
+    json: Annotated[bool, Parameter(negative="")] = False,
+    conn: Connection = Connection(),  # noqa: B008
+    query: Query = Query(),  # noqa: B008
+) -> int:
+    """Print node and workload events (CloudEvents) of the namespace and of the system namespace.
+
+    Events are not stored: without --follow this prints what arrives within --timeout and exits.
+
+    Parameters
+    ----------
+    follow
+        Keep printing until interrupted.
+    json
+        Each event as it was published, one per line.
+    """
+    patterns = sorted({subjects.event(query.namespace, "*"), subjects.event(subjects.SYSTEM_NAMESPACE, "*")})
+    return _stream(
+        conn, query, patterns, follow, lambda _: True, lambda msg: render.event_line(msg.data, json), "events"
+    )
+
+
+def _stream(
+    conn: Connection,
+    query: Query,
+    patterns: list[str],
+    follow: bool,
+    keep: Callable[[Msg], bool],
+    show: Callable[[Msg], str | None],
+    what: str,
+) -> int:
+    """Print what arrives on ``patterns`` (kept and shown as lines) for --timeout, or until interrupted."""
+
+    def run_() -> int:
+        duration = None if follow else _duration("--timeout", query.timeout)
+        shown = 0
+
+        async def body(client: NexClient) -> None:
+            nonlocal shown
+            async for msg in client.watch(patterns, duration):
+                line = show(msg) if keep(msg) else None
+                if line is not None:
+                    print(line, flush=True)
+                    shown += 1
+
+        with contextlib.suppress(KeyboardInterrupt):  # how a --follow ends
+            _client_command(conn, query, body)
+        if not shown and duration is not None:
+            render.console(stderr=True).print(
+                f"No {what} arrived within {query.timeout} (they are not stored: --follow waits for them)"
+            )
+        return 0
+
+    return _guard(run_)
+
+
+def _pairs(flag: str, items: list[str]) -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise _UsageError(f"{flag} {item!r}: give KEY=VALUE")
+        pairs[key] = value
+    return pairs
+
+
+def _default_name(target: str) -> str:
+    """nex devrun's rule: the file's (or key's) base name without its dots; other odd characters go too."""
+    base = target.rstrip("/").rsplit("/", 1)[-1]
+    return re.sub(r"[^a-zA-Z0-9_-]", "", base.replace(".", ""))
 
 
 node_app.command(up, name="up")

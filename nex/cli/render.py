@@ -10,7 +10,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from nex.api import control
+from nex.api import control, events
 
 LAMEDUCK_MARK = "*"
 
@@ -73,7 +73,9 @@ def _machines(info: control.InfoResponse) -> Table | Text:
     for column in ("ID", "State", "IP", "Workload", "Namespace", "Uptime"):
         table.add_column(column, no_wrap=True)
     for machine in info.machines:
-        table.add_row(machine.id, "running", "-", machine.workload.name, machine.namespace or "-", machine.uptime)
+        table.add_row(
+            machine.id, "running", machine.ip or "-", machine.workload.name, machine.namespace or "-", machine.uptime
+        )
     for member in info.pool:
         table.add_row(member.id, f"{member.state} (warm pool)", member.ip or "-", "-", "-", "-")
     return table
@@ -92,6 +94,48 @@ def _actors(rows: Sequence[control.ActorSummary]) -> Table:
             "  " * row.depth + row.name, row.kind, Text(row.state, style=style), row.mailbox or "-", str(row.restarts)
         )
     return table
+
+
+def log_line(subject: str, data: bytes, as_json: bool) -> str | None:
+    """One ``$NEX.logs.{ns}.{node}.{workload}.{vmid}`` message as a line (None if it is not one)."""
+    tokens = subject.split(".")
+    try:
+        raw = msgspec.json.decode(data, type=control.RawLog)
+    except msgspec.DecodeError:
+        return None
+    if len(tokens) != 6:
+        return None
+    namespace, node_id, workload, vmid = tokens[2:6]
+    if as_json:
+        emitted = control.EmittedLog(
+            namespace=namespace,
+            node_id=node_id,
+            workload_name=workload,
+            workload_id=vmid,
+            timestamp=_now(),
+            text=raw.text,
+            level=raw.level,
+            id=raw.id,
+        )
+        return msgspec.json.encode(emitted).decode()
+    return f"{_now()[11:23]} {workload} {vmid} {raw.level:<5} {raw.text}"
+
+
+def event_line(data: bytes, as_json: bool) -> str | None:
+    """One CloudEvent as a line: time, source node, type and its data (None if it is not one)."""
+    try:
+        event = msgspec.json.decode(data, type=events.CloudEvent)
+    except msgspec.DecodeError:
+        return None
+    if as_json:
+        return data.decode(errors="replace")
+    details = event.data if isinstance(event.data, dict) else {}
+    summary = " ".join(f"{k}={v}" for k, v in details.items() if not isinstance(v, dict | list))
+    return f"{event.time[11:23]} {event.source[:12]}… {event.type:<22} {summary}"
+
+
+def _now() -> str:
+    return events.now_rfc3339()
 
 
 def console(*, stderr: bool = False) -> Console:

@@ -3,6 +3,7 @@
 Every request gets exactly one reply (nex v0.2.2 could send two), an ``io.nats.nex.v1.*`` envelope.
 A request that cannot be served gets a failure envelope with a reason; a handler bug is logged and
 answered with an internal-error envelope, and the actor carries on: bad input never takes it down.
+Deploy, stop and workload ping are the workload manager's (:mod:`nex.workload.manager`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .state import NodeState
 
 log = logs.get("nex.control")
 
-NOT_YET = "is not supported by this node yet"
+Machines = Callable[[str], list[control.MachineSummary]]
 
 
 class ControlApi(Actor[InboundMsg]):
@@ -34,12 +35,14 @@ class ControlApi(Actor[InboundMsg]):
         publisher: EventPublisher,
         tree: Callable[[], TreeNode],
         pool: Callable[[], list[control.PoolMember]],
+        machines: Machines,
     ) -> None:
         self.state = state
         self.link = link
         self.publisher = publisher
         self.tree = tree
         self.pool = pool
+        self.machines = machines
 
     @classmethod
     def spec(
@@ -49,20 +52,19 @@ class ControlApi(Actor[InboundMsg]):
         publisher: EventPublisher,
         tree: Callable[[], TreeNode],
         pool: Callable[[], list[control.PoolMember]],
+        machines: Machines,
     ) -> ChildSpec:
         mailbox = Mailbox[InboundMsg](256, Overflow.FAIL, name="control-api")  # the link counts drops
-        return actor_spec(lambda: cls(state, link, publisher, tree, pool), mailbox)
+        return actor_spec(lambda: cls(state, link, publisher, tree, pool, machines), mailbox)
 
     async def on_start(self) -> None:
-        for subject in subjects.node_subscriptions(self.state.node_id):
+        for subject in subjects.control_subscriptions(self.state.node_id):
             sub = await self.link.subscribe(subject, self.ref)
             self.cleanup.push(f"subscription {subject}", lambda sub=sub: self.link.unsubscribe(sub))  # type: ignore[misc]
         log.info("Control API listening", node=self.state.node_id)
 
     async def handle(self, message: InboundMsg) -> None:
         verb = message.subject.split(".")[1] if "." in message.subject else ""
-        if verb == "WPING":
-            return  # no workloads here match; nex stays silent when nothing matches
         try:
             reply = self.answer(verb, message)
         except Exception as exc:
@@ -82,14 +84,6 @@ class ControlApi(Actor[InboundMsg]):
                 return control.success(control.INFO_RESPONSE, self.info(namespace))
             case "LAMEDUCK":
                 return self.lameduck(message.data)
-            case "DEPLOY":
-                if self.state.lameduck:
-                    return control.failure(
-                        control.RUN_RESPONSE, "Node is in lame duck mode. Workload deploy request rejected"
-                    )
-                return control.failure(control.RUN_RESPONSE, f"Deploying workloads {NOT_YET}")
-            case "STOP":
-                return control.failure(control.STOP_RESPONSE, f"Stopping workloads {NOT_YET}")
         log.warning("Unexpected control subject", subject=message.subject)
         return None
 
@@ -110,7 +104,7 @@ class ControlApi(Actor[InboundMsg]):
             public_xkey=self.state.identity.public_xkey,
             tags=self.state.tags(),
             memory=sysinfo.memory(),
-            machines=[],
+            machines=self.machines(namespace),
             supported_workload_types=[t for t in self.state.config.workload_types if t in ("native", "elf")],
             node_id=self.state.node_id,
             pool=self.pool(),

@@ -34,6 +34,7 @@ from pathlib import Path
 import trio
 
 from actors import (
+    ActorRef,
     ChildSpec,
     DynamicSupervisor,
     Journal,
@@ -59,6 +60,7 @@ from nex.vm.handshake import HandshakeBook, Handshakes
 from nex.vm.launcher import SpawnLauncher, ZygoteLauncher
 from nex.vm.machine import MachineDeps
 from nex.vm.pool import Pool
+from nex.workload import manager
 
 from .control import ControlApi
 from .events import EventPublisher
@@ -207,6 +209,7 @@ class Node:
         )
         book = HandshakeBook()
         machines = DynamicSupervisor("machines")
+        workload_mailbox = manager.mailbox()
         deps = MachineDeps(
             driver=ProcessDriver(networks, launcher),
             credentials=credentials,
@@ -216,10 +219,15 @@ class Node:
             agent_host=networks.agent_host,
             agent_port=internal_port,
             handshake_timeout=self.config.agent_handshake_timeout_ms / 1000,
+            internal=internal_link,
+            ended=manager.notify_machine_ended(ActorRef(workload_mailbox)),
         )
         self._progress = FillProgress()
         pool = Pool(state, machines, deps, size=self.config.machine_pool_size, progress=self._progress)
         self._pool = pool
+        pool_spec = Pool.spec(pool)
+        assert pool_spec.mailbox is not None
+        workloads = manager.WorkloadManager(state, control_link, internal_link, publisher, ActorRef(pool_spec.mailbox))
 
         def pool_view() -> list[control.PoolMember]:
             return [control.PoolMember(id=e.vmid, state=e.state, ip=e.ip) for e in pool.entries()]
@@ -234,8 +242,9 @@ class Node:
             internal_link.child_spec(),
             Handshakes.spec(internal_link, book.waiting),
             machines.child_spec(),
-            Pool.spec(pool),
-            ControlApi.spec(state, control_link, publisher, self._tree, pool_view),
+            pool_spec,
+            workloads.spec(workload_mailbox),
+            ControlApi.spec(state, control_link, publisher, self._tree, pool_view, workloads.summaries),
             Heartbeat(state, publisher).child_spec(),
             LameDuckWatcher(state).child_spec(),
         ]

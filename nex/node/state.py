@@ -31,6 +31,7 @@ class NodeState:
         self.lameduck = False
         self.lameduck_deadline: float | None = None
         self.lameduck_entered = trio.Event()
+        self.on_lameduck: list[Callable[[], None]] = []  # told when the node enters lame duck
         self._workloads_changed = trio.Event()
         self.stop_requested = trio.Event()
         self.stop_reason = ""
@@ -59,6 +60,8 @@ class NodeState:
         self.lameduck = True
         self.lameduck_deadline = trio.current_time() + deadline
         self.lameduck_entered.set()
+        for callback in self.on_lameduck:
+            callback()
         return True
 
     def workloads_changed(self) -> None:

@@ -13,6 +13,7 @@ pool makes new ones.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from actors import Actor, Journal, Message, Reply
 from nex import logs
 from nex.api import agent as agent_api
 from nex.bus.credentials import AgentCredentials
+from nex.bus.link import LinkError, NatsLink
+from nex.workload import store
 
 from .drivers.base import Driver, MachineContext
 from .handshake import HandshakeBook
@@ -32,6 +35,8 @@ from .launcher import AgentProcess
 from .state import MachineDir
 
 log = logs.get("nex.vm")
+_encoder = msgspec.json.Encoder()
+UNDEPLOY_SLACK = 5.0  # beyond the workload's grace, for the agent to kill it and answer
 
 
 class HandshakeTimeout(Exception):
@@ -55,7 +60,26 @@ class Describe(Message):
     reply: Reply[MachineInfo]
 
 
-MachineMsg = Describe
+class Deploy(Message):
+    """Run a workload: stage its artifact in the machine's store and have the agent start it."""
+
+    request: agent_api.AgentDeployRequest
+    artifact: bytes
+    reply: Reply[None]
+
+
+class Undeploy(Message):
+    """Stop the workload (the agent gives it ``grace`` seconds after SIGTERM) and end the machine."""
+
+    grace: float
+    reply: Reply[None]
+
+
+MachineMsg = Describe | Deploy | Undeploy
+
+
+class WorkloadRejected(Exception):
+    """The agent refused the workload; the message is its reason."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +94,9 @@ class MachineDeps:
     agent_host: str
     agent_port: int
     handshake_timeout: float
+    internal: NatsLink | None = None  # to talk to agents and stage artifacts
+    ended: Callable[[str, str], None] | None = None  # (vmid, reason) whenever a machine ends
+    deploy_timeout: float = 10.0
 
 
 class Machine(Actor[MachineMsg]):
@@ -85,6 +112,7 @@ class Machine(Actor[MachineMsg]):
         self.since = time.time()
         self.agent: AgentProcess | None = None
         self.context: MachineContext | None = None
+        self.workload: agent_api.AgentDeployRequest | None = None
 
     async def on_start(self) -> None:
         deps, vmid = self.deps, self.vmid
@@ -152,6 +180,49 @@ class Machine(Actor[MachineMsg]):
         match message:
             case Describe(reply=reply):
                 reply.send(self.info())
+            case Deploy(request=request, artifact=artifact, reply=reply):
+                await self._deploy(request, artifact, reply)
+            case Undeploy(grace=grace, reply=reply):
+                await self._undeploy(grace, reply)
+
+    async def _deploy(self, request: agent_api.AgentDeployRequest, artifact: bytes, reply: Reply[None]) -> None:
+        link = self.deps.internal
+        if link is None or self.state != "ready":
+            reply.fail(WorkloadRejected(f"machine {self.vmid} is {self.state}, not ready for a workload"))
+            return
+        self.state = "deploying"
+        vmid = self.vmid
+        self.cleanup.push(
+            f"artifact store of {vmid}", lambda: link.call(lambda nc: store.unstage(nc, vmid)), durable=False
+        )
+        try:
+            await link.call(lambda nc: store.stage(nc, vmid, artifact))
+            answer = await link.request(
+                agent_api.deploy(vmid), _encoder.encode(request), timeout=self.deps.deploy_timeout
+            )
+            response = msgspec.json.decode(answer.data, type=agent_api.DeployResponse)
+        except (LinkError, msgspec.DecodeError) as exc:
+            reply.fail(WorkloadRejected(f"the agent did not take the workload: {exc}"))
+            self.stop()
+            return
+        if not response.accepted:
+            reply.fail(WorkloadRejected(response.message or "no reason given"))
+            self.stop()
+            return
+        self.state = "running"
+        self.workload = request
+        assert self.context is not None
+        self.context.dir.note(f"running workload {request.workload_name} ({request.namespace})")
+        reply.send(None)
+
+    async def _undeploy(self, grace: float, reply: Reply[None]) -> None:
+        self.state = "stopping"
+        if self.deps.internal is not None:
+            body = _encoder.encode(agent_api.UndeployRequest(grace_ms=int(grace * 1000)))
+            with contextlib.suppress(LinkError):  # a gone agent is undeployed already
+                await self.deps.internal.request(agent_api.undeploy(self.vmid), body, timeout=grace + UNDEPLOY_SLACK)
+        reply.send(None)
+        self.stop()
 
     def info(self) -> MachineInfo:
         facts = self.deps.driver.describe(self.context) if self.context is not None else {}
@@ -167,6 +238,9 @@ class Machine(Actor[MachineMsg]):
     async def _watch_agent(self, agent: AgentProcess) -> None:
         code = await agent.wait()
         reason = f"the agent of machine {self.vmid} (pid {agent.pid}) exited with code {code}"
+        if self.state in ("running", "stopping"):
+            self.stop()  # its workload ended and the agent with it: the machine's job is done
+            return
         if self.on_lost is not None and self.state == "ready":
             self.on_lost(reason)  # a replacement can start while this machine is torn down
         raise AgentExited(reason)

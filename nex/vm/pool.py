@@ -17,6 +17,7 @@ machines run on under the ``machines`` supervisor) and goes on keeping the pool 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import time
 from collections.abc import Callable
@@ -24,7 +25,18 @@ from collections.abc import Callable
 import msgspec
 import trio
 
-from actors import Actor, ActorStopped, ChildSpec, DynamicSupervisor, Mailbox, Message, Restart, actor_spec
+from actors import (
+    Actor,
+    ActorRef,
+    ActorStopped,
+    ChildSpec,
+    DynamicSupervisor,
+    Mailbox,
+    Message,
+    Reply,
+    Restart,
+    actor_spec,
+)
 from nex import logs
 from nex.node.state import NodeState
 
@@ -45,6 +57,25 @@ class MachineGone(Message):
     reason: str
 
 
+class Take(Message):
+    """Hand over a ready machine for a workload (it leaves the pool, which starts a replacement)."""
+
+    reply: Reply[Taken]
+
+
+class Taken(msgspec.Struct):
+    vmid: str
+    ref: ActorRef[MachineMsg]
+    ip: str = ""
+
+
+PoolMsg = MachineGone | Take
+
+
+class NoMachine(Exception):
+    """No ready machine in time."""
+
+
 class PoolEntry(msgspec.Struct):
     vmid: str
     state: str
@@ -52,19 +83,20 @@ class PoolEntry(msgspec.Struct):
 
 
 class _Member:
-    __slots__ = ("ip", "since", "state", "vmid")
+    __slots__ = ("ip", "ref", "since", "state", "vmid")
 
     def __init__(self, vmid: str) -> None:
         self.vmid = vmid
         self.state = "starting"
         self.ip = ""
+        self.ref: ActorRef[MachineMsg] | None = None
         self.since = time.monotonic()
 
 
 Progress = Callable[[int, int], None]
 
 
-class Pool(Actor[MachineGone]):
+class Pool(Actor[PoolMsg]):
     def __init__(
         self,
         node: NodeState,
@@ -89,10 +121,12 @@ class Pool(Actor[MachineGone]):
         self._changed = trio.Event()
         self._filled = trio.Event()
         self._fatal: PoolFailed | None = None
+        self._waiting: collections.deque[Reply[Taken]] = collections.deque()
+        node.on_lameduck.append(self._notify)
 
     @classmethod
     def spec(cls, pool: Pool) -> ChildSpec:
-        mailbox = Mailbox[MachineGone](1024, name="pool")
+        mailbox = Mailbox[PoolMsg](1024, name="pool")
         return actor_spec(lambda: pool, mailbox, restart=Restart.PERMANENT)
 
     def entries(self) -> list[PoolEntry]:
@@ -108,16 +142,38 @@ class Pool(Actor[MachineGone]):
             raise self._fatal
         log.info("Warm pool ready", machines=self.ready(), size=self.size)
 
-    async def handle(self, message: MachineGone) -> None:
-        member = self.members.pop(message.vmid, None)
-        if member is not None:
-            log.info("Machine left the pool", vmid=message.vmid, reason=message.reason)
+    async def handle(self, message: PoolMsg) -> None:
+        match message:
+            case MachineGone(vmid=vmid, reason=reason):
+                if self.members.pop(vmid, None) is not None:
+                    log.info("Machine left the pool", vmid=vmid, reason=reason)
+                    self._notify()
+            case Take(reply=reply):
+                self._waiting.append(reply)
+                self._serve_takes()
+
+    def _serve_takes(self) -> None:
+        """Hand ready machines to waiting takers, oldest taker first; refill behind them."""
+        while self._waiting:
+            reply = self._waiting[0]
+            if reply.answered:  # its asker gave up
+                self._waiting.popleft()
+                continue
+            ready = next((m for m in self.members.values() if m.state == "ready" and m.ref is not None), None)
+            if ready is None:
+                return
+            self._waiting.popleft()
+            del self.members[ready.vmid]
+            assert ready.ref is not None
+            reply.send(Taken(vmid=ready.vmid, ref=ready.ref, ip=ready.ip))
             self._notify()
 
     # -- keeping the pool full -------------------------------------------------------------------
 
     async def _keep_full(self) -> None:
         while True:
+            if self.node.lameduck:
+                await self._retire_idle()
             missing = self.size - len(self.members)
             if missing > 0 and not self.node.lameduck:
                 await trio.sleep_until(self._not_before)
@@ -127,11 +183,19 @@ class Pool(Actor[MachineGone]):
                     self.nursery.start_soon(self._start_machine, vmid, seed)
             await self._wait_changed()
 
+    async def _retire_idle(self) -> None:
+        """In lame duck no workload will come: stop the idle machines (running workloads go on)."""
+        for member in [m for m in self.members.values() if m.state == "ready"]:
+            del self.members[member.vmid]
+            log.info("Lame duck: retiring an idle machine", vmid=member.vmid)
+            with contextlib.suppress(Exception):
+                await self.machines.terminate_child(member.vmid)
+
     async def _start_machine(self, vmid: str, seed: str) -> None:
         async with self.limiter:
             self.starts += 1
             try:
-                await self.machines.start_child(self._machine_spec(vmid, seed))
+                ref = await self.machines.start_child(self._machine_spec(vmid, seed))
             except Exception as exc:
                 self.members.pop(vmid, None)
                 self._failed(vmid, exc)
@@ -140,12 +204,15 @@ class Pool(Actor[MachineGone]):
         if member is None:
             return  # it already left again
         member.state = "ready"
+        assert isinstance(ref, ActorRef)
+        member.ref = ref
         self.handshakes += 1
         self.failures = 0
         self._not_before = 0.0
         warmup_ms = (time.monotonic() - member.since) * 1000
         log.info("Adding new VM to warm pool", vmid=vmid, ip=member.ip, warmup_ms=f"{warmup_ms:.1f}")
         self._report()
+        self._serve_takes()
 
     def _failed(self, vmid: str, exc: Exception) -> None:
         if isinstance(exc, HandshakeTimeout) and self.handshakes == 0:
@@ -195,6 +262,8 @@ class Pool(Actor[MachineGone]):
                 if started:
                     with contextlib.suppress(ActorStopped):  # the pool is gone too: the node is stopping
                         pool_ref.send_nowait(MachineGone(vmid=vmid, reason=reason))
+                    if deps.ended is not None:
+                        deps.ended(vmid, reason)
 
         return ChildSpec(
             id=vmid, start=run_machine, restart=Restart.TEMPORARY, shutdown=10.0, kind="actor", mailbox=mailbox

@@ -49,7 +49,7 @@ def test_up_help_documents_every_flag() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("up", "--tag", "novalue"), "--tag 'novalue': give tags as KEY=VALUE"),
+        (("up", "--tag", "novalue"), "--tag 'novalue': give KEY=VALUE"),
         (("up", "--heartbeat-interval", "soon"), "--heartbeat-interval: 'soon' is not a duration"),
         (("ls", "--timeout", "forever"), "--timeout: 'forever' is not a duration"),
     ],

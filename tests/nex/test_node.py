@@ -137,7 +137,7 @@ def test_lame_duck_publishes_its_event_refuses_deploys_and_exits_cleanly(
         bus.request(f"$NEX.DEPLOY.default.{node.node_id}", b"{}"), type=control.ReceivedEnvelope
     )
     assert deploy.type == control.RUN_RESPONSE
-    assert "not supported" in (deploy.error or "")
+    assert "environment" in (deploy.error or ""), "an empty request is refused, naming what is missing"
     result = run_cli("lameduck", "-s", nats_server.url)
     assert result.returncode == 0, result.stderr
     assert f"Command to enter lame duck mode issued to {node.node_id}" in result.stdout

@@ -1,0 +1,155 @@
+"""Running the one workload of an agent (nex's ``native`` provider).
+
+On ``deploy`` the agent fetches the artifact from its machine's object store (``NEXCACHE_{vmid}``,
+key ``workload``), checks its size and sha256 against the request, writes it executable into the
+machine's directory, and starts it with the request's argv and environment (keys upper-cased and
+nothing inherited, as nex does). The workload dies with the agent (PR_SET_PDEATHSIG). It then
+confirms, reports ``workload_started``, streams stdout (level info) and stderr (level error) line by
+line on ``agentint.{vmid}.logs``, and reports ``workload_stopped`` with the exit code when it ends.
+
+On ``undeploy`` it sends the workload SIGTERM, waits up to ``grace`` seconds, then SIGKILL, and
+answers once the workload is gone. Either way, once the workload has ended the agent's job is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import hashlib
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from nex.api import agent as api
+
+PR_SET_PDEATHSIG = 1
+LINE_LIMIT = 1 << 20
+UNDEPLOY_GRACE = 5.0
+
+_encoder = msgspec.json.Encoder()
+
+
+def _die_with_agent() -> None:
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+class Runner:
+    def __init__(self, nc: Client, vmid: str, finished: asyncio.Event, log: Callable[[str], None]) -> None:
+        self.nc = nc
+        self.vmid = vmid
+        self.finished = finished
+        self.log = log
+        self.process: asyncio.subprocess.Process | None = None
+        self.request: api.AgentDeployRequest | None = None
+        self.ended = asyncio.Event()
+        self._pumps: list[asyncio.Future[None]] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    async def on_deploy(self, msg: Msg) -> None:
+        if self.process is not None:
+            await self._answer(msg, False, "this agent already runs a workload")
+            return
+        try:
+            request = msgspec.json.decode(msg.data, type=api.AgentDeployRequest)
+            path = await self._fetch(request)
+            self.process = await asyncio.create_subprocess_exec(
+                str(path),
+                *request.argv,
+                env={key.upper(): value for key, value in request.environment.items()},
+                cwd=str(path.parent),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                preexec_fn=_die_with_agent,
+                limit=LINE_LIMIT,
+            )
+        except Exception as exc:
+            await self._answer(msg, False, str(exc) or type(exc).__name__)
+            return
+        self.request = request
+        await self._answer(msg, True)
+        await self._event(api.WorkloadStatus(workload_name=request.workload_name), "workload_started")
+        self._say(f"workload {request.workload_name} started: pid {self.process.pid}")
+        assert self.process.stdout is not None
+        assert self.process.stderr is not None
+        self._pumps = [
+            asyncio.ensure_future(self._pump(self.process.stdout, api.LEVEL_INFO)),
+            asyncio.ensure_future(self._pump(self.process.stderr, api.LEVEL_ERROR)),
+        ]
+        self._waiter = asyncio.ensure_future(self._wait_exit())  # referenced: asyncio keeps only weak ones
+
+    async def on_undeploy(self, msg: Msg) -> None:
+        grace = UNDEPLOY_GRACE
+        if msg.data.strip():
+            with contextlib.suppress(msgspec.DecodeError):
+                grace = msgspec.json.decode(msg.data, type=api.UndeployRequest).grace_ms / 1000
+        await self.terminate(grace)
+        await msg.respond(b"")
+        self._say("undeployed")
+        self.finished.set()
+
+    async def terminate(self, grace: float) -> None:
+        """Stop the workload (SIGTERM, ``grace`` seconds, SIGKILL) and wait until it is reported ended."""
+        process = self.process
+        if process is None or self.ended.is_set():
+            return
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+        try:
+            await asyncio.wait_for(asyncio.shield(self.ended.wait()), grace)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await self.ended.wait()
+
+    async def _fetch(self, request: api.AgentDeployRequest) -> Path:
+        store = await self.nc.jetstream().object_store(api.bucket(self.vmid))
+        data = (await store.get(api.ARTIFACT_KEY)).data or b""
+        if len(data) != request.total_bytes:
+            raise ValueError(f"the artifact has {len(data)} bytes, the request says {request.total_bytes}")
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != request.hash:
+            raise ValueError(f"the artifact's sha256 is {digest}, the request says {request.hash}")
+        path = Path.cwd() / f"workload-{self.vmid}"
+        path.write_bytes(data)
+        path.chmod(0o755)
+        return path
+
+    async def _pump(self, stream: asyncio.StreamReader, level: int) -> None:
+        assert self.request is not None
+        while line := await stream.readline():
+            entry = api.LogEntry(
+                source=self.request.workload_name, level=level, text=line.decode(errors="replace").rstrip("\n")
+            )
+            await self.nc.publish(api.logs(self.vmid), _encoder.encode(entry))
+
+    async def _wait_exit(self) -> None:
+        assert self.process is not None
+        assert self.request is not None
+        code = await self.process.wait()
+        await asyncio.gather(*self._pumps, return_exceptions=True)  # every line out before the end
+        message = f"exited with code {code}" if code >= 0 else f"killed by signal {-code}"
+        await self._event(
+            api.WorkloadStatus(workload_name=self.request.workload_name, code=code, message=message), "workload_stopped"
+        )
+        with contextlib.suppress(Exception):
+            await self.nc.flush(2)
+        self._say(f"workload {self.request.workload_name} {message}")
+        self.ended.set()
+        self.finished.set()
+
+    async def _event(self, status: api.WorkloadStatus, event_type: str) -> None:
+        await self.nc.publish(api.events(self.vmid, event_type), _encoder.encode(status))
+
+    async def _answer(self, msg: Msg, accepted: bool, message: str | None = None) -> None:
+        if not accepted:
+            self._say(f"deploy refused: {message}")
+        await msg.respond(_encoder.encode(api.DeployResponse(accepted=accepted, message=message)))
+
+    def _say(self, text: str) -> None:
+        self.log(text)

@@ -1,0 +1,532 @@
+"""The node's workloads: deploy, stop, workload ping, their logs and events, and essential restarts.
+
+A deploy (``$NEX.DEPLOY.{ns}.{node}``) is checked in full before any machine is taken, in nex's order
+and with nex's wording where nex has one: lame duck, node limits, the request, its type, the sealed
+environment (and the sender's xkey), the workload JWT (signature, standard claims, name, hash claim)
+and its issuer, then the artifact: fetched from the control NATS object store, its sha256 compared
+with the JWT's hash claim (nex never did), and checked to be a static ELF for this machine. Only then
+is a ready machine taken from the pool and the workload handed to that machine's agent; the machine
+recorded is the one whose agent accepted. Every request gets exactly one reply.
+
+The agents' ``workload_started`` / ``workload_stopped`` reports become CloudEvents on
+``$NEX.events.{ns}.{type}``, and their output becomes ``{text, level, id}`` on
+``$NEX.logs.{ns}.{node}.{workload}.{vmid}`` (the documented token order; levels ``INFO`` for stdout
+and ``ERROR`` for stderr). A workload ends when its agent reports so or its machine ends, whichever
+comes first; ``workload_stopped`` is published once, then the machine is gone (machines are never
+reused). An essential workload that exits non-zero is deployed again on a fresh machine, after
+``essential_backoff_ms``, then twice that each time (at most 30 s), at most ``essential_restart_limit``
+times (a workload that ran for a minute before failing starts counting again); never in lame duck.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import functools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import msgspec
+import trio
+
+from actors import (
+    Actor,
+    ActorError,
+    ActorRef,
+    ActorStopped,
+    ChildSpec,
+    Mailbox,
+    MailboxFull,
+    Message,
+    Overflow,
+    actor_spec,
+)
+from nex import crypto, logs, sysinfo
+from nex.api import agent as agent_api
+from nex.api import control, events, subjects
+from nex.bus.link import InboundMsg, LinkError, NatsLink
+from nex.node.events import EventPublisher
+from nex.node.state import NodeState
+from nex.vm.machine import Deploy, MachineMsg, Undeploy, WorkloadRejected
+from nex.vm.pool import PoolMsg, Take, Taken
+
+from . import store
+from .artifact import ArtifactError, Location, check_hash
+from .elf import NotRunnable, check_static_executable
+from .names import NAME_RULE
+
+log = logs.get("nex.workload")
+
+NATIVE_TYPES = ("native", "elf")
+TAKE_TIMEOUT = 10.0
+DEPLOY_TIMEOUT = 30.0
+STOP_SLACK = 10.0  # beyond the workload's grace: the agent's answer and the machine's teardown
+REPORT_GRACE = 1.0
+RESTART_MAX = 30.0
+RESTART_RESET = 60.0  # an essential workload that ran this long before failing gets its restarts back
+
+
+class Refused(Exception):
+    """A request that cannot be served; its message is the reply's error."""
+
+
+class MachineEnded(Message):
+    vmid: str
+    reason: str
+
+
+class RestartDue(Message):
+    spec: WorkloadSpec
+
+
+class WorkloadSpec(msgspec.Struct):
+    """A checked workload, ready to run (kept to run it again if it is essential)."""
+
+    name: str
+    namespace: str
+    issuer: str
+    subject: str  # the deploy JWT's sub (a request id from nex v0.2.7 clients, the name from v0.2.2's)
+    jti: str
+    iat: int
+    hash: str
+    artifact: bytes
+    environment: dict[str, str]
+    argv: list[str]
+    description: str
+    essential: bool
+    restarts: int = 0
+
+
+WorkloadMsg = InboundMsg | MachineEnded | RestartDue
+
+
+@dataclass(eq=False)
+class Workload:
+    spec: WorkloadSpec
+    vmid: str
+    ref: ActorRef[MachineMsg]
+    ip: str = ""
+    started: float = field(default_factory=time.monotonic)
+    stopping: bool = False
+    finished: bool = False
+    exit_code: int | None = None
+    exit_message: str = ""
+    reported: trio.Event = field(default_factory=trio.Event)
+    stop_tokens: set[str] = field(default_factory=set)
+
+    @property
+    def uptime(self) -> str:
+        return sysinfo.format_uptime(time.monotonic() - self.started)
+
+
+class WorkloadManager(Actor[WorkloadMsg]):
+    def __init__(
+        self,
+        state: NodeState,
+        control_link: NatsLink,
+        internal_link: NatsLink,
+        publisher: EventPublisher,
+        pool: ActorRef[PoolMsg],
+    ) -> None:
+        self.state = state
+        self.control = control_link
+        self.internal = internal_link
+        self.publisher = publisher
+        self.pool = pool
+        self.workloads: dict[str, Workload] = {}  # by vmid
+        self.deploying = 0
+        state.running_workloads = lambda: len(self.workloads)
+
+    def spec(self, mailbox: Mailbox[WorkloadMsg]) -> ChildSpec:
+        """Run this manager on ``mailbox``; its state (the workloads) outlives a restart of the actor."""
+        return actor_spec(lambda: self, mailbox)
+
+    async def on_start(self) -> None:
+        wanted = [(self.control, s) for s in subjects.workload_subscriptions(self.state.node_id)]
+        wanted += [(self.internal, agent_api.events("*")), (self.internal, f"{agent_api.PREFIX}.*.logs")]
+        for link, subject in wanted:
+            sub = await link.subscribe(subject, self.ref)
+            self.cleanup.push(f"subscription {subject}", functools.partial(link.unsubscribe, sub), durable=False)
+
+    async def handle(self, message: WorkloadMsg) -> None:
+        match message:
+            case InboundMsg(subject=subject) if subject.startswith(agent_api.PREFIX):
+                self._from_agent(message)
+            case InboundMsg(subject=subject):
+                verb = subject.split(".")[1] if subject.count(".") >= 1 else ""
+                handler = {"DEPLOY": self._deploy, "STOP": self._stop, "WPING": self._wping}.get(verb)
+                if handler is not None:
+                    self.nursery.start_soon(handler, message)
+            case MachineEnded(vmid=vmid, reason=reason):
+                workload = self.workloads.get(vmid)
+                if workload is not None and not workload.finished:
+                    self.nursery.start_soon(self._machine_ended, workload, reason)
+            case RestartDue(spec=spec):
+                self.nursery.start_soon(self._restart, spec)
+
+    # -- deploy ----------------------------------------------------------------------------------
+
+    async def _deploy(self, msg: InboundMsg) -> None:
+        try:
+            spec = await self._check(msg)
+            workload = await self._launch(spec)
+            reply = control.success(
+                control.RUN_RESPONSE,
+                control.RunResponse(started=True, id=workload.vmid, issuer=spec.issuer, name=spec.name),
+            )
+        except Refused as exc:
+            log.warning("Deploy refused", subject=msg.subject, reason=str(exc))
+            reply = control.failure(control.RUN_RESPONSE, str(exc))
+        except Exception as exc:
+            log.error("Deploy failed", exc, subject=msg.subject)
+            reply = control.failure(control.RUN_RESPONSE, f"Failed to deploy workload: internal error: {exc}")
+        await self._respond(msg, reply)
+
+    async def _check(self, msg: InboundMsg) -> WorkloadSpec:
+        """Every check of a deploy request, in order; raise :class:`Refused` at the first that fails."""
+        config = self.state.config
+        namespace = subjects.namespace_of(msg.subject)
+        if namespace is None:
+            raise Refused("Invalid subject for workload deployment")
+        if self.state.lameduck:
+            raise Refused("Node is in lame duck mode. Workload deploy request rejected")
+        if (
+            config.node_limits.max_workloads
+            and len(self.workloads) + self.deploying >= config.node_limits.max_workloads
+        ):
+            raise Refused("Node is at maximum workload limit. Deploy request denied")
+        try:
+            request = msgspec.json.decode(msg.data, type=control.DeployRequest)
+        except msgspec.DecodeError as exc:
+            raise Refused(f"Unable to deserialize deploy request: {exc}") from None
+        kind = (request.type or "native").lower()
+        if kind not in NATIVE_TYPES or not set(NATIVE_TYPES) & set(config.workload_types):
+            raise Refused(f"Unsupported workload type on this node: {kind}")
+        environment, sender = self._open_environment(request)
+        if config.requester_public_keys and sender not in config.requester_public_keys:
+            raise Refused(f"the sender's xkey {sender} is not in this node's requester_public_keys")
+        claims = self._check_jwt(request)
+        issuer = claims.iss
+        if config.valid_issuers and issuer not in config.valid_issuers:
+            raise Refused(f"invalid workload issuer: {issuer}")
+        try:
+            location = Location.parse(request.location_url())
+        except ArtifactError as exc:
+            raise Refused(f"Invalid deploy request: {exc}") from None
+        limit = config.node_limits.max_workload_bytes
+        try:
+            artifact = await self.control.call(lambda nc: store.fetch(nc, location, request.jsdomain, limit))
+        except ArtifactError as exc:
+            raise Refused(str(exc) if "limitations" in str(exc) else f"Failed to fetch the workload: {exc}") from None
+        except LinkError as exc:
+            raise Refused(f"Failed to fetch the workload from {location}: {exc}") from None
+        total = config.node_limits.max_total_bytes
+        if total and sum(len(w.spec.artifact) for w in self.workloads.values()) + len(artifact) > total:
+            raise Refused("Workload file size would exceed node total limitations")
+        try:
+            digest = check_hash(artifact, claims.text("hash"))
+            check_static_executable(artifact)
+        except ArtifactError as exc:
+            raise Refused(f"Invalid deploy request: {exc}") from None
+        except NotRunnable as exc:
+            raise Refused(f"Invalid workload artifact {location}: {exc}") from None
+        return WorkloadSpec(
+            name=workload_name(claims),
+            namespace=namespace,
+            issuer=issuer,
+            subject=claims.sub,
+            jti=claims.jti,
+            iat=claims.iat,
+            hash=digest,
+            artifact=artifact,
+            environment=environment,
+            argv=list(request.argv),
+            description=request.description or "",
+            essential=bool(request.essential),
+        )
+
+    def _open_environment(self, request: control.DeployRequest) -> tuple[dict[str, str], str]:
+        if not request.environment or not request.sender_public_key:
+            raise Refused(
+                "Failed to decrypt environment for deploy request: it has no environment or no sender_public_key"
+            )
+        try:
+            sealed = base64.b64decode(request.environment, validate=True)
+            plain = self.state.identity.xkey.open(sealed, request.sender_public_key)
+            environment = msgspec.json.decode(plain, type=dict[str, str])
+        except (binascii.Error, ValueError, msgspec.DecodeError) as exc:
+            raise Refused(f"Failed to decrypt environment for deploy request: {exc}") from None
+        return environment, request.sender_public_key
+
+    def _check_jwt(self, request: control.DeployRequest) -> crypto.GenericClaims:
+        """The verified claims; the name is ``sub`` (nex's devrun puts it there) and must follow the rule."""
+        if not request.workload_jwt:
+            raise Refused("Invalid deploy request: it has no workload_jwt")
+        try:
+            claims = crypto.decode_generic_jwt(request.workload_jwt)
+        except crypto.JwtError as exc:
+            raise Refused(f"Invalid deploy request: {exc}") from None
+        name = workload_name(claims)
+        if not NAME_RULE.match(name):
+            raise Refused(f"Invalid deploy request: workload name {name!r} must match {NAME_RULE.pattern}")
+        if not claims.text("hash"):
+            raise Refused("Invalid deploy request: the workload JWT has no hash claim")
+        if request.workload_name is not None and request.workload_name != name:
+            raise Refused(f"Invalid deploy request: workload_name {request.workload_name!r} is not the JWT's {name!r}")
+        if request.hash is not None and request.hash != claims.text("hash"):
+            raise Refused("Invalid deploy request: artifact hash claim does not match request")
+        return claims
+
+    async def _launch(self, spec: WorkloadSpec) -> Workload:
+        """Take a ready machine and have its agent run ``spec``; the workload, recorded."""
+        self.deploying += 1
+        try:
+            try:
+                taken: Taken = await self.pool.ask(lambda reply: Take(reply=reply), timeout=TAKE_TIMEOUT)
+            except ActorError as exc:
+                raise Refused(
+                    f"Failed to deploy workload: no machine became ready in {TAKE_TIMEOUT:g}s ({exc})"
+                ) from None
+            workload = Workload(spec=spec, vmid=taken.vmid, ref=taken.ref, ip=taken.ip)
+            self.workloads[taken.vmid] = workload  # before the agent starts it: its first logs map here
+            request = agent_api.AgentDeployRequest(
+                workload_name=spec.name,
+                namespace=spec.namespace,
+                hash=spec.hash,
+                total_bytes=len(spec.artifact),
+                argv=spec.argv,
+                environment=spec.environment,
+                description=spec.description,
+                essential=spec.essential,
+            )
+            try:
+                await taken.ref.ask(
+                    lambda reply: Deploy(request=request, artifact=spec.artifact, reply=reply), timeout=DEPLOY_TIMEOUT
+                )
+            except (WorkloadRejected, ActorError) as exc:
+                self.workloads.pop(taken.vmid, None)
+                raise Refused(f"Failed to deploy workload: workload rejected by agent: {exc}") from None
+        finally:
+            self.deploying -= 1
+        self.state.workloads_changed()
+        log.info(
+            "Workload deployed", name=spec.name, namespace=spec.namespace, vmid=workload.vmid, restarts=spec.restarts
+        )
+        return workload
+
+    # -- stop and ping ---------------------------------------------------------------------------
+
+    async def _stop(self, msg: InboundMsg) -> None:
+        try:
+            workload = self._check_stop(msg)
+        except Refused as exc:
+            log.warning("Stop refused", subject=msg.subject, reason=str(exc))
+            await self._respond(msg, control.failure(control.STOP_RESPONSE, str(exc)))
+            return
+        workload.stopping = True
+        with contextlib.suppress(ActorError):  # the machine is gone already: so is its workload
+            grace = self.state.config.workload_stop_grace_ms / 1000
+            await workload.ref.ask(lambda reply: Undeploy(grace=grace, reply=reply), timeout=grace + STOP_SLACK)
+        spec = workload.spec
+        answer = control.StopResponse(stopped=True, id=workload.vmid, issuer=spec.issuer, name=spec.name)
+        await self._respond(msg, control.success(control.STOP_RESPONSE, answer))
+
+    def _check_stop(self, msg: InboundMsg) -> Workload:
+        """The workload a stop request may stop: its deployer's, with a JWT never used before."""
+        namespace = subjects.namespace_of(msg.subject)
+        if namespace is None:
+            raise Refused("Invalid subject for workload stop")
+        try:
+            request = msgspec.json.decode(msg.data, type=control.StopRequest)
+        except msgspec.DecodeError as exc:
+            raise Refused(f"Unable to deserialize stop request: {exc}") from None
+        workload = self.workloads.get(request.workload_id)
+        if workload is None or workload.spec.namespace.lower() != namespace.lower():
+            raise Refused(f"No such workload {request.workload_id!r} in namespace {namespace}")
+        if workload.stopping:
+            raise Refused(f"Workload {request.workload_id} is already stopping")
+        try:
+            claims = crypto.decode_generic_jwt(request.workload_jwt)
+        except crypto.JwtError as exc:
+            raise Refused(f"Invalid stop request: {exc}") from None
+        spec = workload.spec
+        if claims.iss != spec.issuer:
+            raise Refused(
+                "Invalid stop request: the only entity allowed to terminate a workload "
+                "is the issuer that originally started it"
+            )
+        if claims.jti == spec.jti or claims.iat == spec.iat:
+            raise Refused(
+                "Invalid stop request: stop claims appear to be cloned or captured from the original start "
+                "claims (same jti or iat). Rejecting for security reasons"
+            )
+        if claims.jti in workload.stop_tokens:
+            raise Refused("Invalid stop request: this stop JWT was used before; sign a new one")
+        if claims.sub not in (spec.subject, spec.name):
+            raise Refused(
+                f"Invalid stop request: stop claims subject {claims.sub!r} does not match the workload "
+                f"({spec.name!r}) or its original start claims subject"
+            )
+        workload.stop_tokens.add(claims.jti)
+        return workload
+
+    async def _wping(self, msg: InboundMsg) -> None:
+        tokens = msg.subject.split(".")
+        namespace = tokens[2] if len(tokens) > 2 else ""
+        target = tokens[3] if len(tokens) > 3 else None
+        matches = [
+            w
+            for w in self.workloads.values()
+            if (not namespace or w.spec.namespace.lower() == namespace.lower())
+            and (target is None or w.vmid == target or w.spec.name.lower() == target.lower())
+        ]
+        if not matches:
+            return  # nex answers only when something matches
+        answer = control.WorkloadPingResponse(
+            node_id=self.state.node_id,
+            target_xkey=self.state.identity.public_xkey,
+            version=self.state.version,
+            uptime=self.state.uptime(),
+            tags=self.state.tags(),
+            running_machines=[
+                control.WorkloadPingMachine(id=w.vmid, namespace=w.spec.namespace, name=w.spec.name, type="native")
+                for w in matches
+            ],
+        )
+        await self._respond(msg, control.success(control.PING_RESPONSE, answer))
+
+    def summaries(self, namespace: str) -> list[control.MachineSummary]:
+        """``machines`` of ``$NEX.INFO.{ns}.{node}``: this namespace's workloads."""
+        return [
+            control.MachineSummary(
+                id=w.vmid,
+                healthy=True,
+                uptime=w.uptime,
+                namespace=w.spec.namespace,
+                ip=w.ip,
+                workload=control.WorkloadSummary(
+                    name=w.spec.name, description=w.spec.description, runtime=w.uptime, type="native", hash=w.spec.hash
+                ),
+            )
+            for w in self.workloads.values()
+            if w.spec.namespace.lower() == namespace.lower()
+        ]
+
+    # -- what agents report ----------------------------------------------------------------------
+
+    def _from_agent(self, msg: InboundMsg) -> None:
+        tokens = msg.subject.split(".")
+        workload = self.workloads.get(tokens[1]) if len(tokens) > 2 else None
+        if workload is None:
+            return  # a machine without a workload has nothing to say (nex drops these too)
+        if tokens[2] == "logs":
+            try:
+                entry = msgspec.json.decode(msg.data, type=agent_api.LogEntry)
+            except msgspec.DecodeError:
+                return
+            level = "ERROR" if entry.level <= agent_api.LEVEL_ERROR else "INFO"
+            subject = subjects.log(workload.spec.namespace, self.state.node_id, workload.spec.name, workload.vmid)
+            self.control.publish_nowait(
+                subject, msgspec.json.encode(control.RawLog(text=entry.text, level=level, id=workload.vmid))
+            )
+            return
+        if tokens[2] != "events" or len(tokens) < 4:
+            return
+        try:
+            status = msgspec.json.decode(msg.data, type=agent_api.WorkloadStatus)
+        except msgspec.DecodeError:
+            return
+        if tokens[3] == events.WORKLOAD_STARTED:
+            self._emit(workload, events.WORKLOAD_STARTED, 0, "")
+        elif tokens[3] == events.WORKLOAD_STOPPED:
+            workload.exit_code, workload.exit_message = status.code, status.message
+            workload.reported.set()
+            self._finish(workload)
+
+    async def _machine_ended(self, workload: Workload, reason: str) -> None:
+        with trio.move_on_after(REPORT_GRACE):  # the agent's own report is more precise: wait for it a bit
+            await workload.reported.wait()
+        if workload.exit_code is None:
+            workload.exit_code, workload.exit_message = -1, reason
+        self._finish(workload)
+
+    def _finish(self, workload: Workload) -> None:
+        if workload.finished:
+            return
+        workload.finished = True
+        self.workloads.pop(workload.vmid, None)
+        code = workload.exit_code if workload.exit_code is not None else -1
+        self._emit(workload, events.WORKLOAD_STOPPED, code, workload.exit_message)
+        log.info(
+            "Workload stopped", name=workload.spec.name, vmid=workload.vmid, code=code, message=workload.exit_message
+        )
+        self.state.workloads_changed()
+        spec = workload.spec
+        if spec.essential and not workload.stopping and code != 0 and not self.state.lameduck:
+            if time.monotonic() - workload.started >= RESTART_RESET:
+                spec = msgspec.structs.replace(spec, restarts=0)  # it ran well for a while: a fresh budget
+            self._schedule_restart(spec)
+
+    def _schedule_restart(self, spec: WorkloadSpec) -> None:
+        config = self.state.config
+        if spec.restarts >= config.essential_restart_limit:
+            log.error(
+                "Essential workload keeps failing; not restarting it again", name=spec.name, restarts=spec.restarts
+            )
+            return
+        delay = min(RESTART_MAX, config.essential_backoff_ms / 1000 * 2**spec.restarts)
+        log.warning("Essential workload exited; restarting it", name=spec.name, restart=spec.restarts + 1, in_s=delay)
+        again = msgspec.structs.replace(spec, restarts=spec.restarts + 1)
+        self.nursery.start_soon(self._after, delay, RestartDue(spec=again))
+
+    async def _after(self, delay: float, message: RestartDue) -> None:
+        await trio.sleep(delay)
+        await self.ref.send(message)
+
+    async def _restart(self, spec: WorkloadSpec) -> None:
+        if self.state.lameduck:
+            log.info("Lame duck: essential workload not restarted", name=spec.name)
+            return
+        try:
+            await self._launch(spec)
+        except Refused as exc:
+            log.error("Restart of an essential workload failed", name=spec.name, error=str(exc))
+            self._schedule_restart(spec)
+
+    def _emit(self, workload: Workload, event_type: str, code: int, message: str) -> None:
+        data = events.WorkloadEventData(
+            workload_name=workload.spec.name,
+            code=code,
+            message=message,
+            id=workload.vmid,
+            namespace=workload.spec.namespace,
+        )
+        self.publisher.emit(event_type, data, namespace=workload.spec.namespace)
+
+    async def _respond(self, msg: InboundMsg, reply: bytes) -> None:
+        try:
+            await self.control.respond(msg, reply)
+        except LinkError as exc:
+            log.warning("Could not send a reply", subject=msg.subject, error=str(exc))
+
+
+def workload_name(claims: crypto.GenericClaims) -> str:
+    """A workload's name in its JWT: ``sub`` as nex's clients set it (``nats.name`` if present)."""
+    return claims.text("name") or claims.sub
+
+
+def notify_machine_ended(manager: ActorRef[WorkloadMsg]) -> Callable[[str, str], None]:
+    """The ``ended(vmid, reason)`` callback machines call: tells the manager (never raises)."""
+
+    def ended(vmid: str, reason: str) -> None:
+        with contextlib.suppress(ActorStopped, MailboxFull):  # the node is stopping, or reports are piling up
+            manager.send_nowait(MachineEnded(vmid=vmid, reason=reason))
+
+    return ended
+
+
+def mailbox() -> Mailbox[WorkloadMsg]:
+    """The manager's mailbox: requests and agent reports; a full one drops (the link counts)."""
+    return Mailbox[WorkloadMsg](4096, Overflow.FAIL, name="workloads")
