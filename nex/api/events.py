@@ -53,7 +53,7 @@ class HeartbeatData(msgspec.Struct):
     tags: dict[str, str] = {}
 
 
-class WorkloadEventData(msgspec.Struct, omit_defaults=True):
+class WorkloadEventData(msgspec.Struct):
     """``workload_started`` / ``workload_stopped``: nex's agent fields plus the machine and workload id."""
 
     workload_name: str

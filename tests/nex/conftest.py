@@ -14,6 +14,7 @@ from nex.net import netns
 from nex.net.ipam import DEFAULT_ROOT as LEASES
 
 from .support import STARTED, Bus, NatsServerProc, kill_leftovers, processes_mentioning, wait_gone
+from .workloads import Binaries, BuildUnavailable, build
 
 
 @pytest.fixture
@@ -27,6 +28,23 @@ def nats_server(home: Path) -> Iterator[NatsServerProc]:
     server = NatsServerProc(home).start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def open_nats_server(home: Path) -> Iterator[NatsServerProc]:
+    """A control server on every address, so that workloads reach it from their machines."""
+    server = NatsServerProc(home, host="0.0.0.0").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def binaries(tmp_path_factory: pytest.TempPathFactory) -> Binaries:
+    """The test workloads, built once with gcc (-static and not)."""
+    try:
+        return build(tmp_path_factory.mktemp("workloads"))
+    except BuildUnavailable as exc:
+        pytest.skip(f"cannot build the test workloads: {exc}")
 
 
 @pytest.fixture

@@ -46,8 +46,11 @@ SEED_SAMPLE = {
 class NatsServerProc:
     """A nats-server the test owns (the 'control' server an operator would run)."""
 
-    def __init__(self, work_dir: Path, port: int | None = None, jetstream: bool = True) -> None:
+    def __init__(
+        self, work_dir: Path, port: int | None = None, jetstream: bool = True, host: str = "127.0.0.1"
+    ) -> None:
         self.port = port or free_port("127.0.0.1")
+        self.host = host  # 0.0.0.0: workloads in machines' namespaces reach it at their gateway
         self.work_dir = work_dir
         self.jetstream = jetstream
         self.proc: subprocess.Popen[bytes] | None = None
@@ -57,7 +60,7 @@ class NatsServerProc:
         return f"nats://127.0.0.1:{self.port}"
 
     def start(self) -> NatsServerProc:
-        argv = [str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(self.port)]
+        argv = [str(nats_server_binary()), "-a", self.host, "-p", str(self.port)]
         if self.jetstream:
             argv += ["-js", "-sd", str(self.work_dir / f"js-{self.port}")]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -161,6 +164,33 @@ class EventLog:
                 return dict(event)
             self.seen.append((subject, event))
 
+    def next(self, timeout: float = 30) -> tuple[str, dict[str, Any]]:
+        """The next message, whatever its subject."""
+        if self.seen:
+            return self.seen.pop(0)
+        try:
+            subject, data = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no message within {timeout}s") from None
+        return subject, dict(msgspec.json.decode(data))
+
+    def drain(self) -> list[tuple[str, dict[str, Any]]]:
+        """Every message received and not yet taken (the test has made sure they had time to arrive)."""
+        while True:
+            try:
+                subject, data = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            self.seen.append((subject, dict(msgspec.json.decode(data))))
+        taken, self.seen = self.seen, []
+        return taken
+
+    def pending(self, subject_suffix: str) -> list[dict[str, Any]]:
+        """Messages received and not yet taken whose subject ends with ``subject_suffix``."""
+        kept = self.drain()
+        self.seen = kept
+        return [event for subject, event in kept if subject.endswith(subject_suffix)]
+
 
 #: nodes started by the running test; the leak check stops (SIGTERM) any a failing test left running
 STARTED: list[NodeProcess] = []
@@ -226,6 +256,20 @@ class NodeProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def wait_log(self, text: str, timeout: float = 20) -> None:
+        """Wait until the node has logged ``text`` (its log file is read as it grows)."""
+        deadline = time.monotonic() + timeout
+        with self.log_path.open("rb") as log:
+            seen = b""
+            while text.encode() not in seen:
+                chunk = log.read()
+                if chunk:
+                    seen += chunk
+                    continue
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"the node did not log {text!r} within {timeout}s:\n{self.log()}")
+                select.select([], [], [], 0.02)  # a file is always readable: poll its growth
+
     def ping(self, bus: Bus) -> control.PingResponse:
         return _unwrap(bus.request(f"$NEX.PING.{self.node_id}"), control.PingResponse)
 
@@ -249,8 +293,10 @@ def _unwrap(reply: bytes, kind: type[T]) -> T:
     return msgspec.json.decode(envelope.data, type=kind)
 
 
-def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([NEX, *args], capture_output=True, text=True, timeout=timeout, check=False)
+def run_cli(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``nex ARGS`` as a user runs it; ``env`` adds to (or overrides) this process's environment."""
+    environment = {**os.environ, **env} if env is not None else None
+    return subprocess.run([NEX, *args], capture_output=True, text=True, timeout=timeout, check=False, env=environment)
 
 
 # -- leaks ---------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@
  * Reads NATS_URL (nats://host:port), ECHO_SUBJECT and ECHO_PREFIX from its environment, subscribes to
  * the subject and answers every request with ECHO_PREFIX followed by the request's payload. It prints
  * one line to stdout when it is subscribed and one to stderr per request, so tests can watch its logs.
- * It exits 0 on SIGTERM and 3 when the server goes away.
+ * It exits 0 on SIGTERM and 3 when the server goes away. With ECHO_EXIT=N it prints a line and exits
+ * with code N at once (a workload that fails).
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -69,7 +70,14 @@ static int read_payload(char *out, size_t len) {
     return 0;
 }
 
-int main(void) {
+int main(int argc, char **argv) {
+    const char *code = getenv("ECHO_EXIT");
+    if (code != NULL) {
+        printf("echo: exiting with code %s (argv:", code);
+        for (int i = 1; i < argc; i++) printf(" %s", argv[i]);
+        printf(")\n");
+        return atoi(code);
+    }
     const char *url = getenv("NATS_URL");
     const char *subject = getenv("ECHO_SUBJECT");
     const char *prefix = getenv("ECHO_PREFIX");
