@@ -1,11 +1,18 @@
-"""What the benchmarks share: a nats-server with an echo responder in its own process, percentiles."""
+"""What the benchmarks share: a nats-server with an echo responder, a node process, static binaries, percentiles."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import queue
+import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from nex.bus.server import free_port, nats_server_binary
 
@@ -23,12 +30,16 @@ asyncio.run(main())
 
 
 @contextlib.contextmanager
-def echo_server() -> Iterator[tuple[str, int]]:
-    """A nats-server on a free port with a plain nats-py process answering ``bench.echo``."""
+def echo_server(store: Path | None = None) -> Iterator[tuple[str, int]]:
+    """A nats-server on a free port with a plain nats-py process answering ``bench.echo``.
+
+    With ``store``, the server runs JetStream there (for object stores).
+    """
     port = free_port("127.0.0.1")
     url = f"nats://127.0.0.1:{port}"
+    jetstream = ["-js", "-sd", str(store)] if store is not None else []
     server = subprocess.Popen(
-        [str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(port)],
+        [str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(port), *jetstream],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -47,3 +58,75 @@ def echo_server() -> Iterator[tuple[str, int]]:
 def percentile(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+NEX = shutil.which("nex") or str(Path(sys.executable).parent / "nex")
+
+
+class NodeProcess:
+    """``nex up`` (state in ``state_dir``, on ``server``) with its log lines timestamped as they arrive."""
+
+    def __init__(self, state_dir: Path, server: str, *args: str) -> None:
+        self.state_dir = state_dir
+        self.lines: queue.Queue[tuple[float, str]] = queue.Queue()
+        self.log: list[tuple[float, str]] = []
+        self.started = time.perf_counter()
+        argv = [NEX, "up", "--state-dir", str(state_dir), "--internal-port", "0", "--server", server]
+        argv += ["--heartbeat-interval", "1h", *args]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.put((time.perf_counter(), line))
+
+    def wait_line(self, needle: str, timeout: float = 60) -> float:
+        """When the node logged a line containing ``needle`` (the next one from here on)."""
+        deadline = time.perf_counter() + timeout
+        while True:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0 or (self.proc.poll() is not None and self.lines.empty()):
+                raise RuntimeError(f"no {needle!r} from the node; its log:\n" + "".join(text for _, text in self.log))
+            try:
+                at, line = self.lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            self.log.append((at, line))
+            if needle in line:
+                return at
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+
+    def tail(self, lines: int = 40) -> str:
+        """The node's last log lines (for a benchmark that failed)."""
+        while not self.lines.empty():
+            self.log.append(self.lines.get_nowait())
+        return "".join(text for _, text in self.log[-lines:])
+
+
+def static_binary(work: Path, source: str, name: str = "bench-static", pad: int = 0) -> Path | None:
+    """``source`` built with ``gcc -static`` in ``work``; None without gcc or a static libc.
+
+    ``pad`` adds that many bytes of data to the binary (to reach a given size).
+    """
+    path = work / f"{name}.c"
+    padding = f"__attribute__((used)) static const char pad[{pad}] = {{1}};\n" if pad else ""
+    path.write_text(padding + source)
+    binary = work / name
+    result = subprocess.run(["gcc", "-static", "-O2", "-o", str(binary), str(path)], capture_output=True, check=False)
+    return binary if result.returncode == 0 else None
+
+
+def time_fork_exec(binary: Path, n: int = 300) -> list[float]:
+    """fork+exec+wait of ``binary`` (which must exit at once), ``n`` times."""
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter()
+        pid = os.posix_spawn(str(binary), [str(binary)], {})
+        os.waitpid(pid, 0)
+        samples.append(time.perf_counter() - start)
+    return samples

@@ -22,20 +22,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import queue
 import re
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import nats
-from common import echo_server, percentile
+from common import NodeProcess, echo_server, percentile, static_binary, time_fork_exec
 from rich.console import Console
 from rich.table import Table
 
@@ -44,58 +41,11 @@ from nex.net import netns
 SIZES = (1, 8, 32)
 REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
 REPLACEMENTS = int(os.environ.get("BENCH_REPLACEMENTS", "15"))
-NEX = shutil.which("nex") or str(Path(sys.executable).parent / "nex")
 TARGETS = {"ready_32_s": 1.0, "replacement_p50_ms": 30.0, "node_rss_32_mib": 120.0}
 
 
-class Node:
-    """``nex up`` with its log lines timestamped as they arrive."""
-
-    def __init__(self, work: Path, size: int, server: str) -> None:
-        self.state_dir = work / f"node-{size}"
-        self.lines: queue.Queue[tuple[float, str]] = queue.Queue()
-        self.log: list[tuple[float, str]] = []
-        self.started = time.perf_counter()
-        self.proc = subprocess.Popen(
-            [
-                NEX,
-                "up",
-                "--state-dir",
-                str(self.state_dir),
-                "--internal-port",
-                "0",
-                "--pool-size",
-                str(size),
-                "--server",
-                server,
-                "--heartbeat-interval",
-                "1h",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.put((time.perf_counter(), line))
-
-    def wait_line(self, needle: str, timeout: float = 60) -> float:
-        deadline = time.perf_counter() + timeout
-        while True:
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0 or (self.proc.poll() is not None and self.lines.empty()):
-                raise RuntimeError(f"no {needle!r} from the node; its log:\n" + "".join(text for _, text in self.log))
-            try:
-                at, line = self.lines.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            self.log.append((at, line))
-            if needle in line:
-                return at
+class Node(NodeProcess):
+    """A node of this benchmark: also its machines' warm-up times, its memory and its agents."""
 
     def warmups(self) -> list[float]:
         return [float(m) for _, line in self.log for m in re.findall(r"warmup_ms=([0-9.]+)", line)]
@@ -138,28 +88,6 @@ class Node:
                     total += int(line.split()[1])
         return total / 1024
 
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(60)
-
-
-def static_binary(work: Path) -> Path | None:
-    source = work / "true.c"
-    source.write_text("int main(void) { return 0; }\n")
-    binary = work / "true-static"
-    result = subprocess.run(["gcc", "-static", "-O2", "-o", str(binary), str(source)], capture_output=True, check=False)
-    return binary if result.returncode == 0 else None
-
-
-def time_fork_exec(binary: Path, n: int = 300) -> list[float]:
-    samples = []
-    for _ in range(n):
-        start = time.perf_counter()
-        pid = os.posix_spawn(str(binary), [str(binary)], {})
-        os.waitpid(pid, 0)
-        samples.append(time.perf_counter() - start)
-    return samples
-
 
 def time_python(n: int = 20) -> list[float]:
     samples = []
@@ -195,7 +123,7 @@ def main() -> None:
             for size in SIZES:
                 ready, warmups, rss, pss = [], [], [], []
                 for _ in range(REPEATS):
-                    node = Node(work, size, url)
+                    node = Node(work / f"node-{size}", url, "--pool-size", str(size))
                     try:
                         ready.append(node.wait_line("Node is ready") - node.started)
                         warmups += node.warmups()
@@ -212,7 +140,7 @@ def main() -> None:
                     "zygote_and_agents_pss_mib": statistics.median(pss),
                 }
             results["pools"] = sizes
-            node = Node(work, 8, url)
+            node = Node(work / "node-replacement", url, "--pool-size", "8")
             replacements = []
             try:
                 node.wait_line("Node is ready")
@@ -231,7 +159,7 @@ def main() -> None:
                 "p50_ms": percentile(replacements, 0.5) * 1000,
                 "p95_ms": percentile(replacements, 0.95) * 1000,
             }
-            binary = static_binary(work)
+            binary = static_binary(work, "int main(void) { return 0; }\n")
             limits: dict[str, float] = {}
             if binary is not None:
                 limits["fork_exec_static_p50_ms"] = percentile(time_fork_exec(binary), 0.5) * 1000

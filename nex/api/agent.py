@@ -48,6 +48,16 @@ def events(vmid: str, event_type: str = "*") -> str:
     return subject(vmid, f"events.{event_type}")
 
 
+def replies(vmid: str) -> str:
+    """Where the agent answers the node's requests: under its own subjects, so that its plain publish
+    permission covers the answers (``allow_responses`` is reset by every server reload)."""
+    return subject(vmid, "reply")
+
+
+#: the node's subscription for every agent's answers (matched to requests by the full subject)
+ALL_REPLIES = f"{PREFIX}.*.reply.*"
+
+
 def inbox_prefix(vmid: str) -> str:
     """The agent's own reply-inbox prefix, so its credentials need not cover anyone else's replies."""
     return f"_INBOX_{vmid}"

@@ -1,8 +1,10 @@
 """Who may connect to the internal server: the node, and each agent with access to its own subjects only.
 
-Every agent connects as its own nkey user, allowed to publish and subscribe on ``agentint.{vmid}.>``,
-to subscribe on its own reply inbox ``_INBOX_{vmid}.>``, to answer the requests it receives, and to
-read its machine's own object store (``NEXCACHE_{vmid}``); nothing else. So one agent can neither see
+Every agent connects as its own nkey user, allowed to publish and subscribe on ``agentint.{vmid}.>``
+(the node's requests to it ask for answers there too), to subscribe on its own reply inbox
+``_INBOX_{vmid}.>``, and to read its machine's own object store (``NEXCACHE_{vmid}``); nothing else.
+No ``allow_responses``: a reload resets the server's record of which replies are allowed, so an
+answer sent just after a reload would be refused. So one agent can neither see
 nor speak for another (nex v0.2.2 let every VM talk on every subject; v0.2.7 gave each agent an
 account). The node's own user may do anything.
 
@@ -75,7 +77,6 @@ class AgentCredentials:
                     "permissions": {
                         "publish": {"allow": [own, *_artifact_api(vmid)]},
                         "subscribe": {"allow": [own, f"{agent_api.inbox_prefix(vmid)}.>"]},
-                        "allow_responses": True,
                     },
                 }
             )

@@ -20,7 +20,7 @@ import asyncio
 import collections
 import contextlib
 import itertools
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import msgspec
@@ -117,6 +117,8 @@ class NatsLink:
         aio: the asyncio thread the client lives on.
         events: receives :data:`LinkEvent` messages, if given.
         client_name: the connection name the server shows (``nex <name>`` by default).
+        reply_spaces: wildcard subjects (such as ``agentint.*.reply.*``) on which replies to
+            :meth:`request` calls with a ``reply_prefix`` arrive; subscribed on every connection.
         options: passed to ``nats.connect`` (credentials, ``name``, …).
     """
 
@@ -130,6 +132,7 @@ class NatsLink:
         client_name: str | None = None,
         reconnect_wait: float = 0.25,
         connect_timeout: float = 2.0,
+        reply_spaces: Sequence[str] = (),
         **options: Any,
     ) -> None:
         self.name = name
@@ -139,6 +142,7 @@ class NatsLink:
         self.client_name = client_name or f"nex {name}"
         self.reconnect_wait = reconnect_wait
         self.connect_timeout = connect_timeout
+        self.reply_spaces = tuple(reply_spaces)
         self.options = options
         self.state = "idle"
         self.url = ""
@@ -193,12 +197,17 @@ class NatsLink:
         *,
         timeout: float = 2.0,
         headers: dict[str, str] | None = None,
+        reply_prefix: str | None = None,
     ) -> InboundMsg:
         """Send a request and wait for its reply.
 
         Replies come back on this link's own inbox subscription (made once per connection) and are
-        matched to the waiting caller by token, so a request costs one hop to the asyncio thread and
-        one back, with no asyncio task or future waiting on the reply.
+        matched to the waiting caller by their subject, so a request costs one hop to the asyncio
+        thread and one back, with no asyncio task or future waiting on the reply.
+
+        ``reply_prefix`` puts the reply subject under that prefix instead, inside one of the link's
+        ``reply_spaces``: for responders whose permissions allow publishing only under their own
+        subjects (agents), which holds across server reloads where ``allow_responses`` does not.
 
         Raises:
             NoResponders: nobody listens on ``subject``.
@@ -207,14 +216,15 @@ class NatsLink:
         """
         self._client()
         token = str(next(self._tokens))
+        reply = f"{reply_prefix}.{token}" if reply_prefix is not None else self._reply_prefix + token
         pending = _PendingReply()
-        self._replies[token] = pending
+        self._replies[reply] = pending
         try:
-            self.aio.call_soon(self._start_publish, subject, payload, self._reply_prefix + token, headers, pending)
+            self.aio.call_soon(self._start_publish, subject, payload, reply, headers, pending)
             with trio.move_on_after(timeout):
                 await pending.done.wait()
         finally:
-            del self._replies[token]
+            del self._replies[reply]
         if pending.error is not None:
             raise pending.error
         msg = pending.msg
@@ -304,9 +314,10 @@ class NatsLink:
         self._reply_prefix = f"{nc.new_inbox()}."
 
         async def on_reply(msg: Msg) -> None:
-            self._post(msg.subject[len(self._reply_prefix) :], _inbound(msg))
+            self._post(msg.subject, _inbound(msg))
 
-        await nc.subscribe(self._reply_prefix + "*", cb=on_reply)
+        for pattern in (self._reply_prefix + "*", *self.reply_spaces):
+            await nc.subscribe(pattern, cb=on_reply)
         return nc
 
     def _start_publish(
@@ -342,7 +353,7 @@ class NatsLink:
     def _post(self, target: Subscription | str, msg: InboundMsg) -> None:
         """asyncio thread: queue for Trio, waking it only if no wake-up is pending already.
 
-        ``target`` is a subscription, or the token of a request waiting for its reply.
+        ``target`` is a subscription, or the reply subject of a request waiting for its reply.
         """
         self._inbound.append((target, msg))
         if not self._wake_pending and self._token is not None:

@@ -46,6 +46,7 @@ from actors import (
     sole_exception,
 )
 from nex import logs
+from nex.api import agent as agent_api
 from nex.api import control, events
 from nex.bus.aio import AsyncioThread, open_asyncio_thread
 from nex.bus.credentials import AgentCredentials
@@ -201,6 +202,7 @@ class Node:
             [f"nats://{DEFAULT_CONTROL_HOST}:{internal_port}"],
             aio,
             client_name=f"nex-node {state.node_id}",
+            reply_spaces=[agent_api.ALL_REPLIES],
             nkeys_seed_str=credentials.node_seed,
         )
         publisher = EventPublisher(control_link, state.node_id)

@@ -198,7 +198,10 @@ class Machine(Actor[MachineMsg]):
         try:
             await link.call(lambda nc: store.stage(nc, vmid, artifact))
             answer = await link.request(
-                agent_api.deploy(vmid), _encoder.encode(request), timeout=self.deps.deploy_timeout
+                agent_api.deploy(vmid),
+                _encoder.encode(request),
+                timeout=self.deps.deploy_timeout,
+                reply_prefix=agent_api.replies(vmid),
             )
             response = msgspec.json.decode(answer.data, type=agent_api.DeployResponse)
         except (LinkError, msgspec.DecodeError) as exc:
@@ -220,7 +223,12 @@ class Machine(Actor[MachineMsg]):
         if self.deps.internal is not None:
             body = _encoder.encode(agent_api.UndeployRequest(grace_ms=int(grace * 1000)))
             with contextlib.suppress(LinkError):  # a gone agent is undeployed already
-                await self.deps.internal.request(agent_api.undeploy(self.vmid), body, timeout=grace + UNDEPLOY_SLACK)
+                await self.deps.internal.request(
+                    agent_api.undeploy(self.vmid),
+                    body,
+                    timeout=grace + UNDEPLOY_SLACK,
+                    reply_prefix=agent_api.replies(self.vmid),
+                )
         reply.send(None)
         self.stop()
 

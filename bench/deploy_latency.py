@@ -1,0 +1,228 @@
+"""Deploy latency: from sending ``$NEX.DEPLOY`` to receiving ``workload_started``, on a warm pool.
+
+The workload is a 1 MiB static binary (built here with ``gcc -static``, padded to 1 MiB) that runs
+until it is stopped. It is uploaded once to NEXCLIFILES; each of DEPLOYS rounds then builds a fresh
+request (signing and sealing are the client's, outside the timing), sends it, and times
+
+- the run response (the node's answer: every check done, the agent has started the workload), and
+- the ``workload_started`` event as a client sees it (what the target is about),
+
+then stops the workload and waits until the pool is full again, so every deploy finds a warm machine.
+
+Beside them, in the same run, the limits of the steps the node cannot avoid: one NATS request
+round trip, reading the 1 MiB object from an object store and writing it to another, its sha256,
+and fork+exec of a static binary.
+
+Prints a table and writes ``bench/results/deploy_latency.json``. Target on 2 cores: workload_started
+p50 ≤ 25 ms. Run as root for namespaces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import msgspec
+import nats
+from common import NodeProcess, echo_server, percentile, static_binary, time_fork_exec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import ObjectStoreConfig
+from rich.console import Console
+from rich.table import Table
+
+from nex.client import NexClient, RequesterKeys
+from nex.crypto import PREFIX_ACCOUNT, XKey, create_signing_key
+from nex.net import netns
+from nex.workload import request as workload_request
+
+DEPLOYS = int(os.environ.get("BENCH_DEPLOYS", "30"))
+POOL = 4
+SIZE = 1 << 20
+TARGETS = {"started_p50_ms": 25.0}
+WORKLOAD = """
+#include <signal.h>
+#include <unistd.h>
+static void done(int sig) { (void)sig; _exit(0); }
+int main(void) { signal(SIGTERM, done); for (;;) pause(); }
+"""
+RETURNS = "int main(void) { return 0; }\n"
+
+
+def one_mib_workload(work: Path) -> Path:
+    """The workload, padded so that the file is 1 MiB (within a page)."""
+    base = static_binary(work, WORKLOAD, "workload-base")
+    if base is None:
+        raise SystemExit("gcc with a static libc is needed to build the workload")
+    pad = max(1, SIZE - base.stat().st_size)
+    binary = static_binary(work, WORKLOAD, "workload", pad=pad)
+    assert binary is not None
+    return binary
+
+
+async def wait_pool_full(client: NexClient, node_id: str) -> None:
+    while True:
+        info = await client.info(node_id)
+        if sum(1 for m in info.pool if m.state == "ready") >= POOL:
+            return
+        await asyncio.sleep(0.01)  # polling the node's own answer; nothing here is timed
+
+
+async def deploys(url: str, data: bytes) -> dict[str, list[float]]:
+    nc = await nats.connect(url)
+    client = NexClient(nc, timeout=10, namespace="default")
+    keys = RequesterKeys(create_signing_key(PREFIX_ACCOUNT), XKey.generate())
+    node = await client.find(None)
+    artifact = await client.upload(data, "bench")
+    started: dict[str, float] = {}
+    events: dict[tuple[str, str], asyncio.Event] = {}
+
+    def event(kind: str, vmid: str) -> asyncio.Event:
+        return events.setdefault((kind, vmid), asyncio.Event())
+
+    async def on_event(msg: Msg) -> None:
+        data = msgspec.json.decode(msg.data)
+        vmid = data["data"]["id"]
+        if data["type"] == "workload_started":
+            started[vmid] = time.perf_counter()
+        event(data["type"], vmid).set()
+
+    await nc.subscribe("$NEX.events.default.*", cb=on_event)
+    await nc.flush()
+    samples: dict[str, list[float]] = {"reply": [], "started": []}
+    for _ in range(DEPLOYS):
+        await wait_pool_full(client, node.node_id)
+        deploy = workload_request.Deploy(
+            location=artifact.location, name="bench", hash=artifact.hash, node_id=node.node_id,
+            node_xkey=node.target_xkey, environment={"MODE": "bench"},
+        )  # fmt: skip
+        now = int(time.time())  # the stop's JWT must not share the deploy's iat (nex's replay rule)
+        body = workload_request.deploy_request(deploy, keys.issuer, keys.xkey, issued_at=now - 1)
+        sent = time.perf_counter()
+        response = await client.deploy(node, body)
+        replied = time.perf_counter()
+        await asyncio.wait_for(event("workload_started", response.id).wait(), 30)
+        samples["reply"].append(replied - sent)
+        samples["started"].append(started[response.id] - sent)
+        stop = workload_request.stop_request(response.id, "bench", node.node_id, keys.issuer, issued_at=now)
+        await nc.request(f"$NEX.STOP.default.{node.node_id}", stop, timeout=30)
+        await asyncio.wait_for(event("workload_stopped", response.id).wait(), 30)
+    await nc.close()
+    return samples
+
+
+async def store_limits(url: str, data: bytes, n: int = 20) -> dict[str, list[float]]:
+    """Reading the artifact from one object store and writing it to another, as the node does."""
+    nc: Client = await nats.connect(url)
+    js = nc.jetstream()
+    source = await js.create_object_store("BENCHSRC", config=ObjectStoreConfig())
+    await source.put("artifact", data)
+    request, get, put = [], [], []
+    for i in range(n):
+        start = time.perf_counter()
+        await nc.request("bench.echo", b"x", timeout=5)
+        request.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        got = (await source.get("artifact")).data or b""
+        get.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        target = await js.create_object_store(f"BENCHDST{i}", config=ObjectStoreConfig())
+        await target.put("artifact", got)
+        put.append(time.perf_counter() - start)
+        await js.delete_object_store(f"BENCHDST{i}")
+    await js.delete_object_store("BENCHSRC")
+    await nc.close()
+    return {"request": request, "get": get, "put": put}
+
+
+def time_sha256(data: bytes, n: int = 50) -> list[float]:
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter()
+        hashlib.sha256(data).hexdigest()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def main() -> None:
+    console = Console()
+    out = Path(__file__).parent / "results" / "deploy_latency.json"
+    out.parent.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        binary = one_mib_workload(work)
+        data = binary.read_bytes()
+        with echo_server(store=work / "js") as (url, _):
+            node = NodeProcess(work / "node", url, "--pool-size", str(POOL))
+            try:
+                node.wait_line("Node is ready")
+                samples = asyncio.run(deploys(url, data))
+            except Exception:
+                console.print(node.tail(), markup=False, highlight=False)
+                raise
+            finally:
+                node.stop()
+            stores = asyncio.run(store_limits(url, data))
+        returns = static_binary(work, RETURNS, "returns")
+        assert returns is not None
+        limits = {
+            "nats_request_p50_ms": percentile(stores["request"], 0.5) * 1000,
+            "object_get_1mib_p50_ms": percentile(stores["get"], 0.5) * 1000,
+            "object_put_1mib_p50_ms": percentile(stores["put"], 0.5) * 1000,
+            "sha256_1mib_p50_ms": percentile(time_sha256(data), 0.5) * 1000,
+            "fork_exec_static_p50_ms": percentile(time_fork_exec(returns), 0.5) * 1000,
+        }
+    results: dict[str, object] = {
+        "cpus": os.cpu_count(),
+        "namespaced": netns.has_capabilities(),
+        "artifact_bytes": len(data),
+        "deploys": DEPLOYS,
+        "pool_size": POOL,
+        "targets": TARGETS,
+        "reply_p50_ms": percentile(samples["reply"], 0.5) * 1000,
+        "reply_p95_ms": percentile(samples["reply"], 0.95) * 1000,
+        "started_p50_ms": percentile(samples["started"], 0.5) * 1000,
+        "started_p95_ms": percentile(samples["started"], 0.95) * 1000,
+        "limits": limits,
+    }
+    report(console, results)
+    out.write_text(json.dumps(results, indent=2))
+    console.print(f"wrote {out}")
+
+
+def report(console: Console, results: dict[str, object]) -> None:
+    network = "own netns per machine" if results["namespaced"] else "loopback"
+    size = int(str(results["artifact_bytes"])) / (1 << 20)
+    table = Table(
+        title=f"Deploy latency ({results['cpus']} CPUs, {network}, {size:.2f} MiB static binary, "
+        f"warm pool of {results['pool_size']}, {results['deploys']} deploys)"
+    )
+    table.add_column("measurement")
+    table.add_column("p50 (ms)", justify="right")
+    table.add_column("p95 (ms)", justify="right")
+    table.add_row("DEPLOY → run response", f"{results['reply_p50_ms']:.1f}", f"{results['reply_p95_ms']:.1f}")
+    table.add_row("DEPLOY → workload_started", f"{results['started_p50_ms']:.1f}", f"{results['started_p95_ms']:.1f}")
+    labels = {
+        "nats_request_p50_ms": "limit: one NATS request round trip",
+        "object_get_1mib_p50_ms": "limit: read 1 MiB from an object store",
+        "object_put_1mib_p50_ms": "limit: create a store and write 1 MiB to it",
+        "sha256_1mib_p50_ms": "limit: sha256 of 1 MiB",
+        "fork_exec_static_p50_ms": "limit: fork+exec of a static binary",
+    }
+    limits = results["limits"]
+    assert isinstance(limits, dict)
+    for name, value in limits.items():
+        table.add_row(labels[name], f"{value:.2f}", "")
+    console.print(table)
+    value, target = float(str(results["started_p50_ms"])), TARGETS["started_p50_ms"]
+    verdict = "meets" if value <= target else "MISSES"
+    console.print(f"DEPLOY → workload_started p50: {value:.1f} ms — {verdict} the target of ≤ {target:g} ms")
+
+
+if __name__ == "__main__":
+    main()
