@@ -139,6 +139,7 @@ async def start(meta: api.MachineMetadata, stopped: asyncio.Event) -> Client | N
         await nc.subscribe(api.ping(meta.vmid), cb=on_ping)
         await nc.subscribe(api.undeploy(meta.vmid), cb=runner.on_undeploy)
         await nc.subscribe(api.deploy(meta.vmid), cb=runner.on_deploy)
+        await runner.start_watching()
         if not await handshake(nc, meta.vmid):
             await nc.close()
             return None

@@ -1,11 +1,12 @@
 """Running the one workload of an agent (nex's ``native`` provider).
 
-On ``deploy`` the agent fetches the artifact from its machine's object store (``NEXCACHE_{vmid}``,
-key ``workload``), checks its size and sha256 against the request, writes it executable into the
-machine's directory, and starts it with the request's argv and environment (keys upper-cased and
-nothing inherited, as nex does). The workload dies with the agent (PR_SET_PDEATHSIG). It then
-confirms, reports ``workload_started``, streams stdout (level info) and stderr (level error) line by
-line on ``agentint.{vmid}.logs``, and reports ``workload_stopped`` with the exit code when it ends.
+On ``deploy`` the agent takes the artifact from its machine's object store (``NEXCACHE_{vmid}``,
+key ``workload``; received as the node writes it, see :mod:`.store_watch`), checks its size and
+sha256 against the request, writes it executable into the machine's directory, and starts it with
+the request's argv and environment (keys upper-cased and nothing inherited, as nex does). The
+workload dies with the agent (PR_SET_PDEATHSIG). It then confirms, reports ``workload_started``,
+streams stdout (level info) and stderr (level error) line by line on ``agentint.{vmid}.logs``, and
+reports ``workload_stopped`` with the exit code when it ends.
 
 On ``undeploy`` it sends the workload SIGTERM, waits up to ``grace`` seconds, then SIGKILL, and
 answers once the workload is gone. Either way, once the workload has ended the agent's job is done.
@@ -27,9 +28,12 @@ from nats.aio.msg import Msg
 
 from nex.api import agent as api
 
+from .store_watch import StoreWatch
+
 PR_SET_PDEATHSIG = 1
 LINE_LIMIT = 1 << 20
 UNDEPLOY_GRACE = 5.0
+FETCH_TIMEOUT = 10.0  # the node asks only once the artifact is stored: it is here, or something broke
 
 _encoder = msgspec.json.Encoder()
 
@@ -49,6 +53,7 @@ class Runner:
         self.ended = asyncio.Event()
         self._pumps: list[asyncio.Future[None]] = []
         self._waiter: asyncio.Future[None] | None = None
+        self.watch: StoreWatch | None = None
 
     async def on_deploy(self, msg: Msg) -> None:
         if self.process is not None:
@@ -107,9 +112,25 @@ class Runner:
                 process.kill()
             await self.ended.wait()
 
+    async def start_watching(self) -> None:
+        """Receive the machine's object store as it is written (see :mod:`.store_watch`).
+
+        Without the store (a node that does not make one up front), the artifact is fetched on deploy.
+        """
+        watch = StoreWatch(self.nc, api.bucket(self.vmid))
+        try:
+            await watch.start()
+        except Exception as exc:
+            self._say(f"not watching the artifact store ({type(exc).__name__}): fetching on deploy")
+            return
+        self.watch = watch
+
     async def _fetch(self, request: api.AgentDeployRequest) -> Path:
-        store = await self.nc.jetstream().object_store(api.bucket(self.vmid))
-        data = (await store.get(api.ARTIFACT_KEY)).data or b""
+        if self.watch is not None:
+            data = await self.watch.read(api.ARTIFACT_KEY, FETCH_TIMEOUT)
+        else:
+            store = await self.nc.jetstream().object_store(api.bucket(self.vmid))
+            data = (await store.get(api.ARTIFACT_KEY)).data or b""
         if len(data) != request.total_bytes:
             raise ValueError(f"the artifact has {len(data)} bytes, the request says {request.total_bytes}")
         digest = hashlib.sha256(data).hexdigest()

@@ -54,6 +54,9 @@ def replies(vmid: str) -> str:
     return subject(vmid, "reply")
 
 
+#: everything every agent says (the workload manager picks the logs and events out of it, in order)
+ALL_AGENT_SUBJECTS = f"{PREFIX}.*.>"
+
 #: the node's subscription for every agent's answers (matched to requests by the full subject)
 ALL_REPLIES = f"{PREFIX}.*.reply.*"
 

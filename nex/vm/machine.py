@@ -21,6 +21,7 @@ from pathlib import Path
 
 import msgspec
 import trio
+from nats.js.object_store import ObjectStore
 
 from actors import Actor, Journal, Message, Reply
 from nex import logs
@@ -113,6 +114,7 @@ class Machine(Actor[MachineMsg]):
         self.agent: AgentProcess | None = None
         self.context: MachineContext | None = None
         self.workload: agent_api.AgentDeployRequest | None = None
+        self.store: ObjectStore | None = None
 
     async def on_start(self) -> None:
         deps, vmid = self.deps, self.vmid
@@ -141,7 +143,10 @@ class Machine(Actor[MachineMsg]):
         }
         context = MachineContext(vmid=vmid, dir=folder, cleanup=self.cleanup, env=env)
         self.context = context
-        await deps.driver.prepare(context)
+        async with trio.open_nursery() as nursery:  # the store is made while the network is
+            if deps.internal is not None:
+                nursery.start_soon(self._create_store, deps.internal)
+            await deps.driver.prepare(context)
         hello = deps.handshakes.expect(vmid)
         self.cleanup.push(f"handshake of {vmid}", _forget(deps.handshakes, vmid), durable=False)
         started = trio.current_time()
@@ -176,6 +181,14 @@ class Machine(Actor[MachineMsg]):
         self.state = "ready"
         folder.note(f"handshake after {(trio.current_time() - started) * 1000:.1f} ms")
 
+    async def _create_store(self, link: NatsLink) -> None:
+        """The machine's own artifact store, which its agent watches from its start."""
+        vmid = self.vmid
+        self.cleanup.push(
+            f"artifact store of {vmid}", lambda: link.call(lambda nc: store.unstage(nc, vmid)), durable=False
+        )
+        self.store = await link.call(lambda nc: store.create(nc, vmid))
+
     async def handle(self, message: MachineMsg) -> None:
         match message:
             case Describe(reply=reply):
@@ -192,11 +205,11 @@ class Machine(Actor[MachineMsg]):
             return
         self.state = "deploying"
         vmid = self.vmid
-        self.cleanup.push(
-            f"artifact store of {vmid}", lambda: link.call(lambda nc: store.unstage(nc, vmid)), durable=False
-        )
+        bucket = self.store
         try:
-            await link.call(lambda nc: store.stage(nc, vmid, artifact))
+            if bucket is None:
+                raise LinkError(f"machine {vmid} has no artifact store")
+            await link.call(lambda _: store.stage(bucket, artifact))
             answer = await link.request(
                 agent_api.deploy(vmid),
                 _encoder.encode(request),

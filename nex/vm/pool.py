@@ -5,6 +5,10 @@ ones concurrently, at most ``parallel`` at a time, and starts a replacement as s
 leaves (its agent died, it was taken for a workload). Machines are children of the ``machines``
 dynamic supervisor; the pool hears of their end through :class:`MachineGone`.
 
+A replacement for a machine taken for a workload waits until that workload's deploy has settled (the
+taker sends :class:`Settled`), unless no ready machine is left or someone waits for one: a machine's
+start (namespace, agent, handshake) costs CPU that the deploy in progress needs more.
+
 Failures back off exponentially (0.1 s doubling to 10 s), so a broken host does not spin. The pool is
 started (and the node ready) once the first fill is complete. If the first handshake the node ever
 waits for does not come, that is fatal: the pool fails its start with :class:`PoolFailed`, saying what
@@ -46,6 +50,7 @@ log = logs.get("nex.vm")
 
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 10.0
+SETTLE_TIMEOUT = 5.0  # a taker that never says it has settled delays replacements no longer than this
 
 
 class PoolFailed(Exception):
@@ -55,6 +60,12 @@ class PoolFailed(Exception):
 class MachineGone(Message):
     vmid: str
     reason: str
+
+
+class Settled(Message):
+    """The deploy onto a taken machine has finished, one way or the other: refill now."""
+
+    vmid: str
 
 
 class Take(Message):
@@ -69,7 +80,7 @@ class Taken(msgspec.Struct):
     ip: str = ""
 
 
-PoolMsg = MachineGone | Take
+PoolMsg = MachineGone | Take | Settled
 
 
 class NoMachine(Exception):
@@ -122,6 +133,7 @@ class Pool(Actor[PoolMsg]):
         self._filled = trio.Event()
         self._fatal: PoolFailed | None = None
         self._waiting: collections.deque[Reply[Taken]] = collections.deque()
+        self._settling: dict[str, float] = {}  # taken machines whose deploy is in progress: deadline
         node.on_lameduck.append(self._notify)
 
     @classmethod
@@ -151,6 +163,9 @@ class Pool(Actor[PoolMsg]):
             case Take(reply=reply):
                 self._waiting.append(reply)
                 self._serve_takes()
+            case Settled(vmid=vmid):
+                if self._settling.pop(vmid, None) is not None:
+                    self._notify()
 
     def _serve_takes(self) -> None:
         """Hand ready machines to waiting takers, oldest taker first; refill behind them."""
@@ -165,6 +180,7 @@ class Pool(Actor[PoolMsg]):
             self._waiting.popleft()
             del self.members[ready.vmid]
             assert ready.ref is not None
+            self._settling[ready.vmid] = trio.current_time() + SETTLE_TIMEOUT
             reply.send(Taken(vmid=ready.vmid, ref=ready.ref, ip=ready.ip))
             self._notify()
 
@@ -175,6 +191,11 @@ class Pool(Actor[PoolMsg]):
             if self.node.lameduck:
                 await self._retire_idle()
             missing = self.size - len(self.members)
+            if missing > 0 and not self.node.lameduck and self._deploy_in_progress():
+                with trio.move_on_at(min(self._settling.values())):
+                    await self._wait_changed()
+                self._settling = {v: d for v, d in self._settling.items() if d > trio.current_time()}
+                continue
             if missing > 0 and not self.node.lameduck:
                 await trio.sleep_until(self._not_before)
                 for _ in range(self.size - len(self.members)):
@@ -182,6 +203,10 @@ class Pool(Actor[PoolMsg]):
                     self.members[vmid] = _Member(vmid)
                     self.nursery.start_soon(self._start_machine, vmid, seed)
             await self._wait_changed()
+
+    def _deploy_in_progress(self) -> bool:
+        """Should replacements wait? Only while a deploy runs and a ready machine is left for the next."""
+        return bool(self._settling) and not self._waiting and self.ready() > 0
 
     async def _retire_idle(self) -> None:
         """In lame duck no workload will come: stop the idle machines (running workloads go on)."""

@@ -50,7 +50,7 @@ from nex.bus.link import InboundMsg, LinkError, NatsLink
 from nex.node.events import EventPublisher
 from nex.node.state import NodeState
 from nex.vm.machine import Deploy, MachineMsg, Undeploy, WorkloadRejected
-from nex.vm.pool import PoolMsg, Take, Taken
+from nex.vm.pool import PoolMsg, Settled, Take, Taken
 
 from . import store
 from .artifact import ArtifactError, Location, check_hash
@@ -145,7 +145,9 @@ class WorkloadManager(Actor[WorkloadMsg]):
 
     async def on_start(self) -> None:
         wanted = [(self.control, s) for s in subjects.workload_subscriptions(self.state.node_id)]
-        wanted += [(self.internal, agent_api.events("*")), (self.internal, f"{agent_api.PREFIX}.*.logs")]
+        # One subscription for an agent's logs and events: nats-py dispatches each subscription on its
+        # own, so with two the workload_stopped report could overtake the workload's last lines.
+        wanted.append((self.internal, agent_api.ALL_AGENT_SUBJECTS))
         for link, subject in wanted:
             sub = await link.subscribe(subject, self.ref)
             self.cleanup.push(f"subscription {subject}", functools.partial(link.unsubscribe, sub), durable=False)
@@ -308,6 +310,9 @@ class WorkloadManager(Actor[WorkloadMsg]):
             except (WorkloadRejected, ActorError) as exc:
                 self.workloads.pop(taken.vmid, None)
                 raise Refused(f"Failed to deploy workload: workload rejected by agent: {exc}") from None
+            finally:
+                with contextlib.suppress(ActorStopped, MailboxFull):
+                    self.pool.send_nowait(Settled(vmid=taken.vmid))  # the pool may refill now
         finally:
             self.deploying -= 1
         self.state.workloads_changed()
@@ -418,7 +423,9 @@ class WorkloadManager(Actor[WorkloadMsg]):
 
     def _from_agent(self, msg: InboundMsg) -> None:
         tokens = msg.subject.split(".")
-        workload = self.workloads.get(tokens[1]) if len(tokens) > 2 else None
+        if len(tokens) < 3 or tokens[2] not in ("logs", "events"):
+            return  # the rest of the agents' traffic (handshakes, requests, answers) is for others
+        workload = self.workloads.get(tokens[1])
         if workload is None:
             return  # a machine without a workload has nothing to say (nex drops these too)
         if tokens[2] == "logs":

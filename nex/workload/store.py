@@ -10,6 +10,7 @@ import contextlib
 import nats.js.errors
 from nats.aio.client import Client
 from nats.js.api import ObjectStoreConfig, StorageType
+from nats.js.object_store import ObjectStore
 
 from nex.api import agent as agent_api
 
@@ -34,14 +35,21 @@ async def fetch(nc: Client, location: Location, jsdomain: str | None, max_bytes:
     return bytes((await store.get(location.key)).data or b"")
 
 
-async def stage(nc: Client, vmid: str, data: bytes) -> None:
-    """Put ``data`` in ``NEXCACHE_{vmid}`` (memory storage), the one store that machine's agent may read."""
-    js = nc.jetstream()
-    store = await js.create_object_store(
+async def create(nc: Client, vmid: str) -> ObjectStore:
+    """Make ``NEXCACHE_{vmid}`` (memory storage), the one store that machine's agent may read.
+
+    Made when the machine starts, so that its agent can watch it from the start and a deploy only
+    has to write the artifact.
+    """
+    return await nc.jetstream().create_object_store(
         agent_api.bucket(vmid),
         config=ObjectStoreConfig(storage=StorageType.MEMORY, description=f"nex: artifact of {vmid}"),
     )
-    await store.put(agent_api.ARTIFACT_KEY, data)
+
+
+async def stage(bucket: ObjectStore, data: bytes) -> None:
+    """Write the artifact (the agent, watching, receives it as it is written)."""
+    await bucket.put(agent_api.ARTIFACT_KEY, data)
 
 
 async def unstage(nc: Client, vmid: str) -> None:
