@@ -60,7 +60,7 @@ async def test_an_agent_answering_right_after_a_reload_still_reaches_the_node(
                     msg = await inbox.receive()
                     reloads = server.reloads
                     await server.reload()  # as when another machine starts between request and answer
-                    assert server.reloads == reloads + 1
+                    assert server.reloads > reloads  # (a top-up of the credentials may have reloaded too)
                     await agent.respond(msg, b"accepted")
 
             nursery.start_soon(answer_after_a_reload)
