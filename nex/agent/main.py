@@ -26,6 +26,7 @@ from nats.aio.msg import Msg
 
 from nex.api import agent as api
 
+from .launchpad import Launchpad
 from .runner import UNDEPLOY_GRACE, Runner
 
 #: the running agent's workload runner (one per process; kept here for the stop path)
@@ -90,6 +91,7 @@ async def run(meta: api.MachineMetadata) -> int:
     runner = RUNNERS.pop(meta.vmid, None)
     if runner is not None:
         await runner.terminate(runner_grace())  # signalled: the workload goes first
+        runner.close()
     if not nc.is_closed:
         try:
             await asyncio.wait_for(nc.drain(), 2)
@@ -113,6 +115,7 @@ async def start(meta: api.MachineMetadata, stopped: asyncio.Event) -> Client | N
     if meta.node_nats_nkey:
         options["nkeys_seed_str"] = meta.node_nats_nkey
     url = f"nats://{meta.node_nats_host}:{meta.node_nats_port}"
+    launchpad = Launchpad()  # forked first, while this process surely has one thread
     try:
         nc = await nats.connect(
             url,
@@ -127,9 +130,10 @@ async def start(meta: api.MachineMetadata, stopped: asyncio.Event) -> Client | N
             **options,
         )
     except Exception as exc:
+        launchpad.close()
         log(f"cannot connect to the node at {url}: {exc!r}")
         return None
-    runner = Runner(nc, meta.vmid, stopped, log)
+    runner = Runner(nc, meta.vmid, stopped, log, launchpad)
     RUNNERS[meta.vmid] = runner
     try:
 

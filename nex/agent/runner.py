@@ -4,7 +4,8 @@ On ``deploy`` the agent takes the artifact from its machine's object store (``NE
 key ``workload``; received as the node writes it, see :mod:`.store_watch`), checks its size and
 sha256 against the request, writes it executable into the machine's directory, and starts it with
 the request's argv and environment (keys upper-cased and nothing inherited, as nex does). The
-workload dies with the agent (PR_SET_PDEATHSIG). It then confirms, reports ``workload_started``,
+workload dies with the agent (PR_SET_PDEATHSIG; it is started from a child forked when the agent
+started, see :mod:`.launchpad`). It then confirms, reports ``workload_started``,
 streams stdout (level info) and stderr (level error) line by line on ``agentint.{vmid}.logs``, and
 reports ``workload_stopped`` with the exit code when it ends.
 
@@ -16,9 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import hashlib
-import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,9 +27,9 @@ from nats.aio.msg import Msg
 
 from nex.api import agent as api
 
+from .launchpad import Launchpad, Workload
 from .store_watch import StoreWatch
 
-PR_SET_PDEATHSIG = 1
 LINE_LIMIT = 1 << 20
 UNDEPLOY_GRACE = 5.0
 FETCH_TIMEOUT = 10.0  # the node asks only once the artifact is stored: it is here, or something broke
@@ -38,17 +37,21 @@ FETCH_TIMEOUT = 10.0  # the node asks only once the artifact is stored: it is he
 _encoder = msgspec.json.Encoder()
 
 
-def _die_with_agent() -> None:
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
 class Runner:
-    def __init__(self, nc: Client, vmid: str, finished: asyncio.Event, log: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        vmid: str,
+        finished: asyncio.Event,
+        log: Callable[[str], None],
+        launchpad: Launchpad | None = None,
+    ) -> None:
         self.nc = nc
         self.vmid = vmid
         self.finished = finished
         self.log = log
-        self.process: asyncio.subprocess.Process | None = None
+        self.launchpad = launchpad  # forked at the agent's start; made at deploy time if missing
+        self.process: Workload | None = None
         self.request: api.AgentDeployRequest | None = None
         self.ended = asyncio.Event()
         self._pumps: list[asyncio.Future[None]] = []
@@ -62,15 +65,12 @@ class Runner:
         try:
             request = msgspec.json.decode(msg.data, type=api.AgentDeployRequest)
             path = await self._fetch(request)
-            self.process = await asyncio.create_subprocess_exec(
+            launchpad, self.launchpad = self.launchpad or Launchpad(), None
+            self.process = await launchpad.launch(
                 str(path),
-                *request.argv,
-                env={key.upper(): value for key, value in request.environment.items()},
-                cwd=str(path.parent),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                preexec_fn=_die_with_agent,
+                request.argv,
+                {key.upper(): value for key, value in request.environment.items()},
+                str(path.parent),
                 limit=LINE_LIMIT,
             )
         except Exception as exc:
@@ -111,6 +111,12 @@ class Runner:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             await self.ended.wait()
+
+    def close(self) -> None:
+        """The agent is leaving: let an unused launchpad go."""
+        if self.launchpad is not None:
+            self.launchpad.close()
+            self.launchpad = None
 
     async def start_watching(self) -> None:
         """Receive the machine's object store as it is written (see :mod:`.store_watch`).

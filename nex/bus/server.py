@@ -93,9 +93,11 @@ class NatsServer:
         port: int,
         work_dir: Path,
         jetstream: bool = True,
+        max_payload: int | None = None,
         extra_config: Callable[[], str] = lambda: "",
     ) -> None:
         self.name = name
+        self.max_payload = max_payload
         self.host = host
         self.port = port
         self.work_dir = work_dir
@@ -129,6 +131,8 @@ class NatsServer:
             f"server_name: nex-{self.name}-{os.getpid()}",
             f"listen: {_quoted(f'{self.host}:{self.port}')}",
         ]
+        if self.max_payload is not None:
+            lines.append(f"max_payload: {self.max_payload}")
         if self.jetstream:
             lines.append(f"jetstream {{ store_dir: {_quoted(str(self.store_dir))} }}")
         extra = self.extra_config()

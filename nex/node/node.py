@@ -61,7 +61,7 @@ from nex.vm.handshake import HandshakeBook, Handshakes
 from nex.vm.launcher import SpawnLauncher, ZygoteLauncher
 from nex.vm.machine import MachineDeps
 from nex.vm.pool import Pool
-from nex.workload import manager
+from nex.workload import manager, store
 
 from .control import ControlApi
 from .events import EventPublisher
@@ -193,6 +193,7 @@ class Node:
             host="0.0.0.0" if networks.namespaced else DEFAULT_CONTROL_HOST,
             port=internal_port,
             work_dir=work_dir,
+            max_payload=store.INTERNAL_MAX_PAYLOAD,
             extra_config=credentials.render,
         )
         credentials.attach(internal_server)

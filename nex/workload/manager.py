@@ -54,6 +54,7 @@ from nex.vm.pool import PoolMsg, Settled, Take, Taken
 
 from . import store
 from .artifact import ArtifactError, Location, check_hash
+from .cache import ArtifactCache
 from .elf import NotRunnable, check_static_executable
 from .names import NAME_RULE
 
@@ -136,6 +137,7 @@ class WorkloadManager(Actor[WorkloadMsg]):
         self.publisher = publisher
         self.pool = pool
         self.workloads: dict[str, Workload] = {}  # by vmid
+        self.cache = ArtifactCache(state.config.artifact_cache_bytes)
         self.deploying = 0
         state.running_workloads = lambda: len(self.workloads)
 
@@ -217,23 +219,7 @@ class WorkloadManager(Actor[WorkloadMsg]):
             location = Location.parse(request.location_url())
         except ArtifactError as exc:
             raise Refused(f"Invalid deploy request: {exc}") from None
-        limit = config.node_limits.max_workload_bytes
-        try:
-            artifact = await self.control.call(lambda nc: store.fetch(nc, location, request.jsdomain, limit))
-        except ArtifactError as exc:
-            raise Refused(str(exc) if "limitations" in str(exc) else f"Failed to fetch the workload: {exc}") from None
-        except LinkError as exc:
-            raise Refused(f"Failed to fetch the workload from {location}: {exc}") from None
-        total = config.node_limits.max_total_bytes
-        if total and sum(len(w.spec.artifact) for w in self.workloads.values()) + len(artifact) > total:
-            raise Refused("Workload file size would exceed node total limitations")
-        try:
-            digest = check_hash(artifact, claims.text("hash"))
-            check_static_executable(artifact)
-        except ArtifactError as exc:
-            raise Refused(f"Invalid deploy request: {exc}") from None
-        except NotRunnable as exc:
-            raise Refused(f"Invalid workload artifact {location}: {exc}") from None
+        artifact, digest = await self._artifact(location, request.jsdomain, claims.text("hash"))
         return WorkloadSpec(
             name=workload_name(claims),
             namespace=namespace,
@@ -248,6 +234,38 @@ class WorkloadManager(Actor[WorkloadMsg]):
             description=request.description or "",
             essential=bool(request.essential),
         )
+
+    async def _artifact(self, location: Location, jsdomain: str | None, claimed: str) -> tuple[bytes, str]:
+        """The artifact's bytes and sha256, checked: size limits, hash claim, static ELF for this machine.
+
+        Looked up first (one request): limits and the writer's digest are checked before any
+        download, and bytes verified earlier under the claimed hash are used from the cache.
+        """
+        limits = self.state.config.node_limits
+        try:
+            stored = await self.control.call(lambda nc: store.describe(nc, location, jsdomain))
+            _check_size(stored.size, limits.max_workload_bytes)
+            if stored.sha256 and stored.sha256 != claimed.lower():
+                raise ArtifactError(f"the artifact's sha256 is {stored.sha256}, but the workload JWT claims {claimed}")
+            running = sum(len(w.spec.artifact) for w in self.workloads.values())
+            if limits.max_total_bytes and running + stored.size > limits.max_total_bytes:
+                raise Refused("Workload file size would exceed node total limitations")
+            cached = self.cache.get(stored.sha256) if stored.sha256 else None
+            if cached is not None:
+                return cached, stored.sha256
+            data = await self.control.call(lambda nc: store.download(nc, location, jsdomain))
+            _check_size(len(data), limits.max_workload_bytes)  # it may have changed since
+            digest = check_hash(data, claimed)
+        except ArtifactError as exc:
+            raise Refused(f"Invalid deploy request: {exc}") from None
+        except LinkError as exc:
+            raise Refused(f"Failed to fetch the workload from {location}: {exc}") from None
+        try:
+            check_static_executable(data)
+        except NotRunnable as exc:
+            raise Refused(f"Invalid workload artifact {location}: {exc}") from None
+        self.cache.put(digest, data)
+        return data, digest
 
     def _open_environment(self, request: control.DeployRequest) -> tuple[dict[str, str], str]:
         if not request.environment or not request.sender_public_key:
@@ -517,6 +535,11 @@ class WorkloadManager(Actor[WorkloadMsg]):
             await self.control.respond(msg, reply)
         except LinkError as exc:
             log.warning("Could not send a reply", subject=msg.subject, error=str(exc))
+
+
+def _check_size(size: int, limit: int) -> None:
+    if limit and size > limit:
+        raise Refused(f"Workload file size would exceed node limitations: {size} bytes, at most {limit} allowed")
 
 
 def workload_name(claims: crypto.GenericClaims) -> str:

@@ -318,6 +318,19 @@ def processes_mentioning(text: str) -> dict[int, str]:
     return found
 
 
+def parent_of(pid: int) -> int:
+    """The parent pid of ``pid`` (0 if it is gone)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def without_launchpads(processes: dict[int, str], agents: set[int]) -> dict[int, str]:
+    """``processes`` without the agents' launchpads (an agent's forked child, waiting to become its workload)."""
+    return {pid: cmd for pid, cmd in processes.items() if parent_of(pid) not in agents}
+
+
 def wait_gone(pids: Iterator[int] | list[int], timeout: float) -> list[int]:
     """Wait (on pidfds) for these processes to exit; return those still alive at the deadline."""
     fds = {}

@@ -33,6 +33,7 @@ from .support import (
     processes_mentioning,
     wait_for_pool,
     wait_gone,
+    without_launchpads,
 )
 
 pytestmark = [
@@ -119,7 +120,7 @@ def test_a_later_handshake_timeout_tears_that_machine_down_and_retries(
     node = NodeProcess(home, "--handshake-timeout", "1s", server=nats_server.url).start(bus)
     (first,) = [m.id for m in node.info(bus).pool]
     agent_pids = set(agents_of(node).values())
-    ours = processes_mentioning(str(node.state_dir))
+    ours = without_launchpads(processes_mentioning(str(node.state_dir)), agent_pids)
     (zygote,) = [pid for pid, cmd in ours.items() if "nex.vm.zygote" in cmd and pid not in agent_pids]
     os.kill(zygote, signal.SIGSTOP)  # a stuck launcher: the replacement cannot start its agent
     try:
@@ -215,7 +216,7 @@ def test_the_zygote_falls_back_to_spawn_when_forking_would_be_unsafe(
     assert "Agents will be started as new processes: the zygote is not usable" in node.log()
     assert "threads: forking it would not be safe" in node.log()
     assert [m.state for m in node.info(bus).pool] == ["ready", "ready"]
-    agents = processes_mentioning(str(node.state_dir))
+    agents = without_launchpads(processes_mentioning(str(node.state_dir)), set(agents_of(node).values()))
     assert sum("-m nex.agent --machine" in cmd for cmd in agents.values()) == 2, agents
     started = time.monotonic()
     assert node.stop() == 0

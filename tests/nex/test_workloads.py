@@ -12,9 +12,12 @@ import datetime
 import hashlib
 import json
 import os
+import queue
 import signal
+import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgspec
@@ -26,7 +29,7 @@ from nex.api import control
 from nex.net import netns
 from nex.workload import request as workload_request
 
-from .support import Bus, NatsServerProc, NodeProcess, processes_mentioning, run_cli
+from .support import NEX, Bus, NatsServerProc, NodeProcess, processes_mentioning, run_cli
 from .workloads import Binaries, Requester, started
 
 pytestmark = pytest.mark.integration
@@ -72,6 +75,49 @@ def wait_pool_ready(node: NodeProcess, bus: Bus, size: int, timeout: float = 20)
         bus.run(bus.nc.flush())
 
 
+class Follower:
+    """``nex logs|events --follow`` as an operator runs it, its lines read as they come."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [NEX, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **env}
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+
+    def wait_for(self, match: Callable[[str], bool], timeout: float = 20) -> str:
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                line = self.lines.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if match(line):
+                return line
+        raise AssertionError(f"nex {self.proc.args[1]} printed no such line within {timeout}s")
+
+    def until_listening(self, bus: Bus, subject: str, probe: bytes, timeout: float = 20) -> None:
+        """Publish ``probe`` until the follower prints it: from then on it misses nothing."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            bus.run(bus.nc.publish(subject, probe))
+            try:
+                self.wait_for(lambda _: True, timeout=0.2)
+                return
+            except AssertionError:
+                continue
+        raise AssertionError(f"nex {self.proc.args[1]} never printed what was published on {subject}")
+
+    def interrupt(self) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(10)
+
+
 def echo_request(bus: Bus, subject: str, payload: bytes, timeout: float = 20) -> bytes:
     """Ask the echo service, retrying while it is still connecting (no responders yet)."""
     deadline = time.monotonic() + timeout
@@ -94,6 +140,12 @@ def test_a_static_echo_service_runs_with_its_sealed_environment_logs_and_stops(
     (home / "bin" / "echo").write_bytes(binaries.echo)
     user = {"HOME": str(home / "user"), "NATS_URL": open_nats_server.url}
     env_args = [f"--env={k}={v}" for k, v in echo_env(open_nats_server, "echo.svc", "sealed-").items()]
+    follow_logs = Follower(["logs", "--follow", "--json", "--workload", "echo"], user)
+    follow_events = Follower(["events", "--follow"], user)
+    follow_logs.until_listening(obus, f"$NEX.logs.default.{node.node_id}.echo.probe", b'{"text":"","level":"","id":""}')
+    follow_events.until_listening(
+        obus, "$NEX.events.default.probe", b'{"specversion":"1.0","id":"","source":"probe","type":"probe","time":""}'
+    )
 
     run = run_cli("run", str(home / "bin" / "echo"), *env_args, "--json", env=user)
 
@@ -138,6 +190,15 @@ def test_a_static_echo_service_runs_with_its_sealed_environment_logs_and_stops(
     assert node.info(obus).machines == []
     with pytest.raises(nats.errors.NoRespondersError):
         obus.request("echo.svc", b"gone?", timeout=2)
+    # what an operator following along saw
+    line = json.loads(follow_logs.wait_for(lambda text: response.id in text and "answering" in text))
+    assert line["workload_name"] == "echo"
+    assert line["node_id"] == node.node_id
+    assert line["level"] == "INFO"
+    follow_events.wait_for(lambda text: "workload_started" in text and response.id in text)
+    follow_events.wait_for(lambda text: "workload_stopped" in text and "code=0" in text)
+    assert follow_logs.interrupt() == 0
+    assert follow_events.interrupt() == 0
     assert node.stop() == 0
 
 
@@ -239,6 +300,33 @@ def test_stop_needs_the_deploying_issuer_and_a_fresh_jwt(
     )
     replayed = alice.stop(node.node_id, accepted)
     assert "No such workload" in (replayed.error or "")
+    assert node.stop() == 0
+
+
+def test_a_verified_artifact_is_reused_only_while_the_store_still_holds_it(
+    home: Path, open_nats_server: NatsServerProc, obus: Bus, binaries: Binaries
+) -> None:
+    needs_namespaces()
+    alice = Requester(obus)
+    node = NodeProcess(home, "--pool-size", "2", server=open_nats_server.url).start(obus)
+    target = node.ping(obus)
+    echo = alice.upload(binaries.echo, "echo")
+    body = alice.deploy_body(target, echo, "echo", echo_env(open_nats_server, "echo.cache", "1:"))
+    first = started(alice.deploy(node.node_id, body))
+    assert echo_request(obus, "echo.cache", b"x") == b"1:x"
+    # the object is replaced: the JWT's hash no longer names what is stored, cached or not
+    replaced = alice.upload(binaries.echo_dynamic, "echo")
+    refused = alice.deploy(node.node_id, alice.deploy_body(target, echo, "echo"))
+    assert f"the artifact's sha256 is {replaced.hash}, but the workload JWT claims {echo.hash}" in (refused.error or "")
+    # stored again, it runs again (from the node's cache: the same verified bytes)
+    alice.upload(binaries.echo, "echo")
+    second = started(
+        alice.deploy(
+            node.node_id, alice.deploy_body(target, echo, "echo", echo_env(open_nats_server, "echo.cache2", "2:"))
+        )
+    )
+    assert second.id != first.id
+    assert echo_request(obus, "echo.cache2", b"y") == b"2:y"
     assert node.stop() == 0
 
 

@@ -1,0 +1,117 @@
+"""The agent's parts on their own: the launchpad (a pre-forked child that becomes the workload) and
+the store watch (the machine's object store, received as it is written), with real processes and a
+real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import nats
+import pytest
+from nats.js.api import ObjectMeta, ObjectMetaOptions, ObjectStoreConfig, StorageType
+
+from nex.agent.launchpad import LaunchFailed, Launchpad
+from nex.agent.store_watch import StoreWatch
+
+from .support import NatsServerProc, wait_gone
+
+pytestmark = pytest.mark.integration
+
+
+def test_the_launchpad_runs_the_workload_with_its_output_and_exit_code(tmp_path: Path) -> None:
+    async def main() -> tuple[bytes, bytes, int]:
+        pad = Launchpad()
+        workload = await pad.launch(
+            "/bin/sh", ["-c", 'echo "out $GREETING"; pwd; echo err >&2; exit 3'], {"GREETING": "hi"}, str(tmp_path),
+            limit=1 << 16,
+        )  # fmt: skip
+        assert workload.pid == pad.pid, "the pre-forked child became the workload"
+        out = await workload.stdout.read()
+        err = await workload.stderr.read()
+        return out, err, await workload.wait()
+
+    out, err, code = asyncio.run(main())
+    assert out == f"out hi\n{tmp_path}\n".encode()
+    assert err == b"err\n"
+    assert code == 3
+
+
+def test_a_launch_that_cannot_exec_says_why_and_leaves_no_child(tmp_path: Path) -> None:
+    script = tmp_path / "not-executable"
+    script.write_text("#!/bin/sh\n")
+
+    async def main() -> int:
+        pad = Launchpad()
+        with pytest.raises(LaunchFailed, match="Permission denied"):
+            await pad.launch(str(script), [], {}, str(tmp_path), limit=1024)
+        return pad.pid
+
+    pid = asyncio.run(main())
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # reaped already
+
+
+def test_an_unused_launchpad_goes_away_when_closed() -> None:
+    pad = Launchpad()
+    pad.close()
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pad.pid, os.WNOHANG)
+
+
+def test_the_workload_dies_with_a_killed_agent(tmp_path: Path) -> None:
+    agent = textwrap.dedent(
+        """
+        import asyncio, sys
+        from nex.agent.launchpad import Launchpad
+        async def main():
+            workload = await Launchpad().launch("/bin/sleep", ["300"], {}, "/", limit=1024)
+            print(workload.pid, flush=True)
+            await asyncio.sleep(300)
+        asyncio.run(main())
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", agent], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    workload = int(proc.stdout.readline())
+    assert Path(f"/proc/{workload}/cmdline").read_bytes().startswith(b"/bin/sleep")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    assert wait_gone([workload], timeout=10) == [], "the workload outlived its agent"
+
+
+async def _watch_and_write(url: str) -> None:
+    writer = await nats.connect(url)
+    reader = await nats.connect(url)
+    try:
+        store = await writer.jetstream().create_object_store(
+            "NEXCACHE_test", config=ObjectStoreConfig(storage=StorageType.MEMORY)
+        )
+        watch = StoreWatch(reader, "NEXCACHE_test")
+        await watch.start()
+        with pytest.raises(TimeoutError):
+            await watch.read("workload", timeout=0.2)  # nothing written yet
+        first = os.urandom(300_000)
+        small_chunks = ObjectMeta(name="workload", options=ObjectMetaOptions(max_chunk_size=65536))
+        await store.put("workload", first, meta=small_chunks)
+        assert await watch.read("workload", timeout=5) == first
+        second = os.urandom(1000)
+        await store.put("workload", second)  # replaced: the new one is read
+        assert await watch.read("workload", timeout=5) == second
+        await store.delete("workload")
+        await store.put("after", b"!")  # in stream order: once it is here, so is the deletion
+        assert await watch.read("after", timeout=5) == b"!"
+        with pytest.raises(ValueError, match="was deleted"):
+            await watch.read("workload", timeout=5)
+    finally:
+        await writer.close()
+        await reader.close()
+
+
+def test_the_store_watch_has_each_object_once_it_is_written(nats_server: NatsServerProc) -> None:
+    asyncio.run(_watch_and_write(nats_server.url))
