@@ -199,9 +199,16 @@ class NexClient:
             raise NexError(f"{location!r} is not nats://BUCKET/key")
         try:
             store = await self.nc.jetstream().object_store(bucket)
-            info = await store.get_info(key.strip("/"))
+        except nats.js.errors.NotFoundError:
+            raise NexError(f"no object store {bucket} on this NATS (upload a file with `nex run FILE`)") from None
         except nats.errors.Error as exc:
-            raise NexError(f"cannot find {location}: {reason(exc)}") from None
+            raise NexError(f"cannot open the object store {bucket}: {reason(exc)}") from None
+        try:
+            info = await store.get_info(key.strip("/"))
+        except nats.js.errors.NotFoundError:
+            raise NexError(f"no object {key.strip('/')!r} in the object store {bucket}") from None
+        except nats.errors.Error as exc:
+            raise NexError(f"cannot look up {location}: {reason(exc)}") from None
         algorithm, _, digest = (info.digest or "").partition("=")
         if algorithm.upper() != "SHA-256" or not digest:
             raise NexError(f"{location} has no SHA-256 digest to sign (digest {info.digest!r})")

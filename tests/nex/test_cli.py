@@ -52,6 +52,10 @@ def test_up_help_documents_every_flag() -> None:
         (("up", "--tag", "novalue"), "--tag 'novalue': give KEY=VALUE"),
         (("up", "--heartbeat-interval", "soon"), "--heartbeat-interval: 'soon' is not a duration"),
         (("ls", "--timeout", "forever"), "--timeout: 'forever' is not a duration"),
+        (("run", "/bin/true", "--env", "NOEQUALS"), "--env 'NOEQUALS': give KEY=VALUE"),
+        (("run", "/bin/true", "--name", "two words"), "--name: 'two words' is not a workload name"),
+        (("run", "/no/such/file"), "cannot read /no/such/file: No such file or directory"),
+        (("logs", "--timeout", "later"), "--timeout: 'later' is not a duration"),
     ],
 )
 def test_bad_flags_exit_2_and_say_why(args: tuple[str, ...], message: str) -> None:
