@@ -21,7 +21,6 @@ from pathlib import Path
 
 import msgspec
 import trio
-from nats.js.object_store import ObjectStore
 
 from actors import Actor, Journal, Message, Reply
 from nex import logs
@@ -114,7 +113,7 @@ class Machine(Actor[MachineMsg]):
         self.agent: AgentProcess | None = None
         self.context: MachineContext | None = None
         self.workload: agent_api.AgentDeployRequest | None = None
-        self.store: ObjectStore | None = None
+        self.store = False  # its artifact store exists
 
     async def on_start(self) -> None:
         deps, vmid = self.deps, self.vmid
@@ -187,7 +186,8 @@ class Machine(Actor[MachineMsg]):
         self.cleanup.push(
             f"artifact store of {vmid}", lambda: link.call(lambda nc: store.unstage(nc, vmid)), durable=False
         )
-        self.store = await link.call(lambda nc: store.create(nc, vmid))
+        await link.call(lambda nc: store.create(nc, vmid))
+        self.store = True
 
     async def handle(self, message: MachineMsg) -> None:
         match message:
@@ -205,11 +205,10 @@ class Machine(Actor[MachineMsg]):
             return
         self.state = "deploying"
         vmid = self.vmid
-        bucket = self.store
         try:
-            if bucket is None:
+            if not self.store:
                 raise LinkError(f"machine {vmid} has no artifact store")
-            await link.call(lambda _: store.stage(bucket, artifact))
+            await link.call(lambda nc: store.stage(nc, vmid, artifact, request.hash))
             answer = await link.request(
                 agent_api.deploy(vmid),
                 _encoder.encode(request),

@@ -253,7 +253,7 @@ class WorkloadManager(Actor[WorkloadMsg]):
             cached = self.cache.get(stored.sha256) if stored.sha256 else None
             if cached is not None:
                 return cached, stored.sha256
-            data = await self.control.call(lambda nc: store.download(nc, location, jsdomain))
+            data = await self.control.call(lambda nc: store.download(nc, stored, jsdomain))
             _check_size(len(data), limits.max_workload_bytes)  # it may have changed since
             digest = check_hash(data, claimed)
         except ArtifactError as exc:

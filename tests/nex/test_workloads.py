@@ -236,6 +236,9 @@ def test_bad_deploys_are_refused_with_their_reason_and_take_no_machine(
         "no object 'missing' in the object store NEXCLIFILES": alice.deploy_body(
             target, type(echo)(location="nats://NEXCLIFILES/missing", hash=echo.hash, size=1), "missing"
         ),
+        "no object store NOSUCHBUCKET": alice.deploy_body(
+            target, type(echo)(location="nats://NOSUCHBUCKET/echo", hash=echo.hash, size=1), "echo"
+        ),
         "Unable to deserialize deploy request": b"{not json",
     }
     replies = obus.collect("_INBOX.refusals.>")
