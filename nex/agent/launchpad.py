@@ -1,12 +1,12 @@
-"""Starting the workload without forking the agent at deploy time.
+"""Starting the workload without forking the agent on the deploy's path.
 
 A workload must die with its agent, so its process gets ``PR_SET_PDEATHSIG`` between fork and exec.
 With Python that means ``preexec_fn``, which rules out ``vfork`` and makes every start a full fork
-of the agent (about 2-5 ms here). The launchpad moves that fork to the agent's start: a child forked
-then (the agent is still single-threaded), which sets its death signal, connects its stdout and
-stderr to pipes, and blocks reading a command pipe. To run the workload the agent writes what to
-run; the child execs it and becomes the workload. Exec failures come back on a close-on-exec status
-pipe (end of file: the exec happened), as in CPython's own ``_posixsubprocess``.
+of the agent (about 2-5 ms here). The launchpad moves that fork earlier: a child forked while the
+agent is single-threaded (the runner forks it as the artifact arrives), which sets its death signal,
+connects its stdout and stderr to pipes, and blocks reading a command pipe. To run the workload the
+agent writes what to run; the child execs it and becomes the workload. Exec failures come back on a
+close-on-exec status pipe (end of file: the exec happened), as in CPython's own ``_posixsubprocess``.
 
 The workload's exit is watched through a pidfd, its output through asyncio pipe readers.
 """

@@ -26,7 +26,6 @@ from nats.aio.msg import Msg
 
 from nex.api import agent as api
 
-from .launchpad import Launchpad
 from .runner import UNDEPLOY_GRACE, Runner
 
 #: the running agent's workload runner (one per process; kept here for the stop path)
@@ -115,7 +114,6 @@ async def start(meta: api.MachineMetadata, stopped: asyncio.Event) -> Client | N
     if meta.node_nats_nkey:
         options["nkeys_seed_str"] = meta.node_nats_nkey
     url = f"nats://{meta.node_nats_host}:{meta.node_nats_port}"
-    launchpad = Launchpad()  # forked first, while this process surely has one thread
     try:
         nc = await nats.connect(
             url,
@@ -130,10 +128,9 @@ async def start(meta: api.MachineMetadata, stopped: asyncio.Event) -> Client | N
             **options,
         )
     except Exception as exc:
-        launchpad.close()
         log(f"cannot connect to the node at {url}: {exc!r}")
         return None
-    runner = Runner(nc, meta.vmid, stopped, log, launchpad)
+    runner = Runner(nc, meta.vmid, stopped, log)
     RUNNERS[meta.vmid] = runner
     try:
 
@@ -143,10 +140,10 @@ async def start(meta: api.MachineMetadata, stopped: asyncio.Event) -> Client | N
         await nc.subscribe(api.ping(meta.vmid), cb=on_ping)
         await nc.subscribe(api.undeploy(meta.vmid), cb=runner.on_undeploy)
         await nc.subscribe(api.deploy(meta.vmid), cb=runner.on_deploy)
-        await runner.start_watching()
         if not await handshake(nc, meta.vmid):
             await nc.close()
             return None
+        runner.prepare()  # after the handshake: off the path of the machine's start
     except BaseException:
         await asyncio.shield(nc.close())
         raise

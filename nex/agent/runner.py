@@ -4,8 +4,8 @@ On ``deploy`` the agent takes the artifact from its machine's object store (``NE
 key ``workload``; received as the node writes it, see :mod:`.store_watch`), checks its size and
 sha256 against the request, writes it executable into the machine's directory, and starts it with
 the request's argv and environment (keys upper-cased and nothing inherited, as nex does). The
-workload dies with the agent (PR_SET_PDEATHSIG; it is started from a child forked when the agent
-started, see :mod:`.launchpad`). It then confirms, reports ``workload_started``,
+workload dies with the agent (PR_SET_PDEATHSIG; it is started from a child forked as the artifact
+arrives, see :mod:`.launchpad`). It then confirms, reports ``workload_started``,
 streams stdout (level info) and stderr (level error) line by line on ``agentint.{vmid}.logs``, and
 reports ``workload_stopped`` with the exit code when it ends.
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,25 +39,19 @@ _encoder = msgspec.json.Encoder()
 
 
 class Runner:
-    def __init__(
-        self,
-        nc: Client,
-        vmid: str,
-        finished: asyncio.Event,
-        log: Callable[[str], None],
-        launchpad: Launchpad | None = None,
-    ) -> None:
+    def __init__(self, nc: Client, vmid: str, finished: asyncio.Event, log: Callable[[str], None]) -> None:
         self.nc = nc
         self.vmid = vmid
         self.finished = finished
         self.log = log
-        self.launchpad = launchpad  # forked at the agent's start; made at deploy time if missing
+        self.launchpad: Launchpad | None = None  # forked as the artifact arrives; at deploy if missing
         self.process: Workload | None = None
         self.request: api.AgentDeployRequest | None = None
         self.ended = asyncio.Event()
         self._pumps: list[asyncio.Future[None]] = []
         self._waiter: asyncio.Future[None] | None = None
         self.watch: StoreWatch | None = None
+        self._watching: asyncio.Future[None] | None = None
 
     async def on_deploy(self, msg: Msg) -> None:
         if self.process is not None:
@@ -118,12 +113,25 @@ class Runner:
             self.launchpad.close()
             self.launchpad = None
 
-    async def start_watching(self) -> None:
+    def prepare(self) -> None:
+        """Get ready for a deploy once the machine is ready: watch the store (in the background; a
+        deploy waits for it)."""
+        self._watching = asyncio.ensure_future(self._start_watching())
+
+    def _fork_launchpad(self) -> None:
+        """The artifact is arriving, so a deploy is coming: fork the launchpad now, while the node
+        finishes writing, rather than at the deploy (on its path) or at the start (on every
+        machine's, and in every machine's memory). Only while the agent has one thread (nats-py
+        starts none; forking a threaded process is not safe); else the deploy forks."""
+        if self.launchpad is None and self.process is None and threading.active_count() == 1:
+            self.launchpad = Launchpad()
+
+    async def _start_watching(self) -> None:
         """Receive the machine's object store as it is written (see :mod:`.store_watch`).
 
         Without the store (a node that does not make one up front), the artifact is fetched on deploy.
         """
-        watch = StoreWatch(self.nc, api.bucket(self.vmid))
+        watch = StoreWatch(self.nc, api.bucket(self.vmid), on_chunk=self._fork_launchpad)
         try:
             await watch.start()
         except Exception as exc:
@@ -132,6 +140,8 @@ class Runner:
         self.watch = watch
 
     async def _fetch(self, request: api.AgentDeployRequest) -> Path:
+        if self._watching is not None:
+            await self._watching
         if self.watch is not None:
             data = await self.watch.read(api.ARTIFACT_KEY, FETCH_TIMEOUT)
         else:

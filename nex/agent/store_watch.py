@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+from collections.abc import Callable
 
 import msgspec
 from nats.aio.client import Client
@@ -34,9 +35,10 @@ class StoredObject(msgspec.Struct):
 class StoreWatch:
     """Objects of one object store as they are written; :meth:`read` returns a complete one."""
 
-    def __init__(self, nc: Client, bucket: str) -> None:
+    def __init__(self, nc: Client, bucket: str, on_chunk: Callable[[], None] | None = None) -> None:
         self.nc = nc
         self.bucket = bucket
+        self.on_chunk = on_chunk  # told of every chunk as it arrives: a deploy is coming
         self._chunks: collections.defaultdict[str, list[bytes]] = collections.defaultdict(list)
         self._objects: dict[str, StoredObject] = {}
         self._changed = asyncio.Event()
@@ -52,6 +54,8 @@ class StoreWatch:
         kind, _, token = msg.subject.removeprefix(f"$O.{self.bucket}.").partition(".")
         if kind == "C":
             self._chunks[token].append(msg.data)
+            if self.on_chunk is not None:
+                self.on_chunk()
         elif kind == "M":
             with contextlib.suppress(msgspec.DecodeError):
                 info = msgspec.json.decode(msg.data, type=StoredObject)

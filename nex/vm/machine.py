@@ -142,10 +142,12 @@ class Machine(Actor[MachineMsg]):
         }
         context = MachineContext(vmid=vmid, dir=folder, cleanup=self.cleanup, env=env)
         self.context = context
-        async with trio.open_nursery() as nursery:  # the store is made while the network is
-            if deps.internal is not None:
-                nursery.start_soon(self._create_store, deps.internal)
-            await deps.driver.prepare(context)
+        store_made = trio.Event()  # made while the network and the agent start; needed once ready
+        if deps.internal is not None:
+            self.nursery.start_soon(self._create_store, deps.internal, store_made)
+        else:
+            store_made.set()
+        await deps.driver.prepare(context)
         hello = deps.handshakes.expect(vmid)
         self.cleanup.push(f"handshake of {vmid}", _forget(deps.handshakes, vmid), durable=False)
         started = trio.current_time()
@@ -171,23 +173,27 @@ class Machine(Actor[MachineMsg]):
         self.nursery.start_soon(self._watch_agent, self.agent)
         with trio.move_on_at(deadline):
             await hello.wait()
+            await store_made.wait()
         if not hello.is_set():
             folder.note("no handshake in time")
             raise HandshakeTimeout(
                 f"the agent of machine {vmid} did not complete its handshake within "
                 f"{deps.handshake_timeout * 1000:.0f} ms; its last output: {_tail(folder)}"
             )
+        if not store_made.is_set():
+            raise HandshakeTimeout(f"the artifact store of machine {vmid} was not made within the handshake timeout")
         self.state = "ready"
         folder.note(f"handshake after {(trio.current_time() - started) * 1000:.1f} ms")
 
-    async def _create_store(self, link: NatsLink) -> None:
-        """The machine's own artifact store, which its agent watches from its start."""
+    async def _create_store(self, link: NatsLink, made: trio.Event) -> None:
+        """The machine's own artifact store, which its agent watches once the machine is ready."""
         vmid = self.vmid
         self.cleanup.push(
             f"artifact store of {vmid}", lambda: link.call(lambda nc: store.unstage(nc, vmid)), durable=False
         )
         await link.call(lambda nc: store.create(nc, vmid))
         self.store = True
+        made.set()
 
     async def handle(self, message: MachineMsg) -> None:
         match message:
