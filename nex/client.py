@@ -100,10 +100,12 @@ class Artifact:
 
 
 class NexClient:
-    def __init__(self, nc: Client, *, timeout: float, namespace: str) -> None:
+    def __init__(self, nc: Client, *, timeout: float, namespace: str, url: str = "") -> None:
         self.nc = nc
+        self.url = url
         self.timeout = timeout
         self.namespace = namespace
+        self._watchers: set[asyncio.Queue[Msg | None]] = set()  # told when the connection closes
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -113,9 +115,14 @@ class NexClient:
         url = server or DEFAULT_SERVER
 
         errors: list[Exception] = []
+        watchers: set[asyncio.Queue[Msg | None]] = set()
 
         async def remember(error: Exception) -> None:
             errors.append(error)
+
+        async def closed() -> None:
+            for queue in watchers:  # a follower must not wait forever on a connection that is gone
+                queue.put_nowait(None)
 
         try:
             # One retry, quickly: nats-py's defaults would retry a first connection 60 times, 2 s apart.
@@ -126,13 +133,16 @@ class NexClient:
                 reconnect_time_wait=0.1,
                 connect_timeout=min(timeout, 5.0),
                 error_cb=remember,
+                closed_cb=closed,
             )
         except Exception as exc:
             hint = "" if server else " (no node running? start one with `nex up`, or set --server / NATS_URL)"
             cause = reason(errors[-1] if errors else exc)  # nats-py's own error is a generic "no servers"
             raise NexError(f"cannot connect to NATS at {url}: {cause}{hint}") from None
+        client = cls(nc, timeout=timeout, namespace=namespace, url=url)
+        client._watchers = watchers
         try:
-            yield cls(nc, timeout=timeout, namespace=namespace)
+            yield client
         finally:
             await nc.close()
 
@@ -253,12 +263,17 @@ class NexClient:
         raise AssertionError("unreachable")
 
     async def watch(self, subject_list: list[str], duration: float | None) -> AsyncIterator[Msg]:
-        """Messages on these subjects as they come, for ``duration`` seconds (None: until cancelled)."""
-        queue: asyncio.Queue[Msg] = asyncio.Queue()
+        """Messages on these subjects as they come, for ``duration`` seconds (None: until cancelled).
+
+        Raises:
+            NexError: the connection was lost (after nats-py's one quick reconnect attempt).
+        """
+        queue: asyncio.Queue[Msg | None] = asyncio.Queue()
 
         async def put(msg: Msg) -> None:
             queue.put_nowait(msg)
 
+        self._watchers.add(queue)
         subs = [await self.nc.subscribe(subject, cb=put) for subject in subject_list]
         try:
             deadline = None if duration is None else time.monotonic() + duration
@@ -267,10 +282,14 @@ class NexClient:
                 if remaining is not None and remaining <= 0:
                     return
                 try:
-                    yield await asyncio.wait_for(queue.get(), remaining)
+                    msg = await asyncio.wait_for(queue.get(), remaining)
                 except TimeoutError:
                     return
+                if msg is None:
+                    raise NexError(f"lost the connection to NATS at {self.url or 'the server'}")
+                yield msg
         finally:
+            self._watchers.discard(queue)
             for sub in subs:
                 with contextlib.suppress(nats.errors.Error):
                     await sub.unsubscribe()

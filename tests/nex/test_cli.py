@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .support import NatsServerProc, run_cli
+from .support import Bus, Follower, NatsServerProc, run_cli
 
 UP_FLAGS = (
     "--config",
@@ -84,3 +84,18 @@ def test_an_unreachable_server_is_a_clear_client_error() -> None:
     result = run_cli("ls", "-s", "nats://127.0.0.1:1")
     assert result.returncode == 1
     assert "cannot connect to NATS at nats://127.0.0.1:1: connection refused" in result.stderr
+
+
+@pytest.mark.integration
+def test_a_follower_ends_with_an_error_when_its_server_goes(tmp_path: Path) -> None:
+    server = NatsServerProc(tmp_path, jetstream=False).start()
+    bus = Bus(server.url)
+    try:
+        follower = Follower(["events", "--follow", "-s", server.url], {})
+        probe = b'{"specversion":"1.0","id":"","source":"probe","type":"probe","time":""}'
+        follower.until_listening(bus, "$NEX.events.default.probe", probe)
+    finally:
+        bus.close()
+        server.stop()
+    assert follower.proc.wait(20) == 1
+    assert "lost the connection to NATS at" in follower.wait_for(lambda line: "error" in line)

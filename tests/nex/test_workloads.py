@@ -12,12 +12,9 @@ import datetime
 import hashlib
 import json
 import os
-import queue
 import signal
-import subprocess
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -29,7 +26,7 @@ from nex.api import control
 from nex.net import netns
 from nex.workload import request as workload_request
 
-from .support import NEX, Bus, NatsServerProc, NodeProcess, processes_mentioning, run_cli
+from .support import Bus, Follower, NatsServerProc, NodeProcess, processes_mentioning, run_cli
 from .workloads import Binaries, Requester, started
 
 pytestmark = pytest.mark.integration
@@ -73,49 +70,6 @@ def wait_pool_ready(node: NodeProcess, bus: Bus, size: int, timeout: float = 20)
         if time.monotonic() > deadline:
             raise AssertionError(f"pool not refilled to {size} within {timeout}s: {pool}")
         bus.run(bus.nc.flush())
-
-
-class Follower:
-    """``nex logs|events --follow`` as an operator runs it, its lines read as they come."""
-
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(
-            [NEX, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **env}
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line)
-
-    def wait_for(self, match: Callable[[str], bool], timeout: float = 20) -> str:
-        deadline = time.monotonic() + timeout
-        while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                line = self.lines.get(timeout=remaining)
-            except queue.Empty:
-                break
-            if match(line):
-                return line
-        raise AssertionError(f"nex {self.proc.args[1]} printed no such line within {timeout}s")
-
-    def until_listening(self, bus: Bus, subject: str, probe: bytes, timeout: float = 20) -> None:
-        """Publish ``probe`` until the follower prints it: from then on it misses nothing."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            bus.run(bus.nc.publish(subject, probe))
-            try:
-                self.wait_for(lambda _: True, timeout=0.2)
-                return
-            except AssertionError:
-                continue
-        raise AssertionError(f"nex {self.proc.args[1]} never printed what was published on {subject}")
-
-    def interrupt(self) -> int:
-        self.proc.send_signal(signal.SIGINT)
-        return self.proc.wait(10)
 
 
 def echo_request(bus: Bus, subject: str, payload: bytes, timeout: float = 20) -> bytes:
