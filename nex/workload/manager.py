@@ -1,10 +1,11 @@
 """The node's workloads: deploy, stop, workload ping, their logs and events, and essential restarts.
 
 A deploy (``$NEX.DEPLOY.{ns}.{node}``) is checked in full before any machine is taken, in nex's order
-and with nex's wording where nex has one: lame duck, node limits, the request, its type, the sealed
-environment (and the sender's xkey), the workload JWT (signature, standard claims, name, hash claim)
-and its issuer, then the artifact: fetched from the control NATS object store, its sha256 compared
-with the JWT's hash claim (nex never did), and checked to be a static ELF for this machine. Only then
+and with nex's wording where nex has one (the checks are in :mod:`.checks`): lame duck, node limits,
+the request, its type, the sealed environment (and the sender's xkey), the workload JWT (signature,
+standard claims, name, hash claim) and its issuer, then the artifact: looked up in the control NATS
+object store, downloaded unless the node verified it before (:mod:`.cache`), its sha256 compared with
+the JWT's hash claim (nex never did), and checked to be a static ELF for this machine. Only then
 is a ready machine taken from the pool and the workload handed to that machine's agent; the machine
 recorded is the one whose agent accepted. Every request gets exactly one reply.
 
@@ -20,8 +21,6 @@ times (a workload that ran for a minute before failing starts counting again); n
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import functools
 import time
@@ -52,11 +51,11 @@ from nex.node.state import NodeState
 from nex.vm.machine import Deploy, MachineMsg, Undeploy, WorkloadRejected
 from nex.vm.pool import PoolMsg, Settled, Take, Taken
 
-from . import store
+from . import checks, store
 from .artifact import ArtifactError, Location, check_hash
 from .cache import ArtifactCache
+from .checks import Refused
 from .elf import NotRunnable, check_static_executable
-from .names import NAME_RULE
 
 log = logs.get("nex.workload")
 
@@ -67,10 +66,6 @@ STOP_SLACK = 10.0  # beyond the workload's grace: the agent's answer and the mac
 REPORT_GRACE = 1.0
 RESTART_MAX = 30.0
 RESTART_RESET = 60.0  # an essential workload that ran this long before failing gets its restarts back
-
-
-class Refused(Exception):
-    """A request that cannot be served; its message is the reply's error."""
 
 
 class MachineEnded(Message):
@@ -208,10 +203,10 @@ class WorkloadManager(Actor[WorkloadMsg]):
         kind = (request.type or "native").lower()
         if kind not in NATIVE_TYPES or not set(NATIVE_TYPES) & set(config.workload_types):
             raise Refused(f"Unsupported workload type on this node: {kind}")
-        environment, sender = self._open_environment(request)
+        environment, sender = checks.open_environment(self.state.identity.xkey, request)
         if config.requester_public_keys and sender not in config.requester_public_keys:
             raise Refused(f"the sender's xkey {sender} is not in this node's requester_public_keys")
-        claims = self._check_jwt(request)
+        claims = checks.check_jwt(request)
         issuer = claims.iss
         if config.valid_issuers and issuer not in config.valid_issuers:
             raise Refused(f"invalid workload issuer: {issuer}")
@@ -221,7 +216,7 @@ class WorkloadManager(Actor[WorkloadMsg]):
             raise Refused(f"Invalid deploy request: {exc}") from None
         artifact, digest = await self._artifact(location, request.jsdomain, claims.text("hash"))
         return WorkloadSpec(
-            name=workload_name(claims),
+            name=checks.workload_name(claims),
             namespace=namespace,
             issuer=issuer,
             subject=claims.sub,
@@ -244,7 +239,7 @@ class WorkloadManager(Actor[WorkloadMsg]):
         limits = self.state.config.node_limits
         try:
             stored = await self.control.call(lambda nc: store.describe(nc, location, jsdomain))
-            _check_size(stored.size, limits.max_workload_bytes)
+            checks.check_size(stored.size, limits.max_workload_bytes)
             if stored.sha256 and stored.sha256 != claimed.lower():
                 raise ArtifactError(f"the artifact's sha256 is {stored.sha256}, but the workload JWT claims {claimed}")
             running = sum(len(w.spec.artifact) for w in self.workloads.values())
@@ -254,7 +249,7 @@ class WorkloadManager(Actor[WorkloadMsg]):
             if cached is not None:
                 return cached, stored.sha256
             data = await self.control.call(lambda nc: store.download(nc, stored, jsdomain))
-            _check_size(len(data), limits.max_workload_bytes)  # it may have changed since
+            checks.check_size(len(data), limits.max_workload_bytes)  # it may have changed since
             digest = check_hash(data, claimed)
         except ArtifactError as exc:
             raise Refused(f"Invalid deploy request: {exc}") from None
@@ -266,38 +261,6 @@ class WorkloadManager(Actor[WorkloadMsg]):
             raise Refused(f"Invalid workload artifact {location}: {exc}") from None
         self.cache.put(digest, data)
         return data, digest
-
-    def _open_environment(self, request: control.DeployRequest) -> tuple[dict[str, str], str]:
-        if not request.environment or not request.sender_public_key:
-            raise Refused(
-                "Failed to decrypt environment for deploy request: it has no environment or no sender_public_key"
-            )
-        try:
-            sealed = base64.b64decode(request.environment, validate=True)
-            plain = self.state.identity.xkey.open(sealed, request.sender_public_key)
-            environment = msgspec.json.decode(plain, type=dict[str, str])
-        except (binascii.Error, ValueError, msgspec.DecodeError) as exc:
-            raise Refused(f"Failed to decrypt environment for deploy request: {exc}") from None
-        return environment, request.sender_public_key
-
-    def _check_jwt(self, request: control.DeployRequest) -> crypto.GenericClaims:
-        """The verified claims; the name is ``sub`` (nex's devrun puts it there) and must follow the rule."""
-        if not request.workload_jwt:
-            raise Refused("Invalid deploy request: it has no workload_jwt")
-        try:
-            claims = crypto.decode_generic_jwt(request.workload_jwt)
-        except crypto.JwtError as exc:
-            raise Refused(f"Invalid deploy request: {exc}") from None
-        name = workload_name(claims)
-        if not NAME_RULE.match(name):
-            raise Refused(f"Invalid deploy request: workload name {name!r} must match {NAME_RULE.pattern}")
-        if not claims.text("hash"):
-            raise Refused("Invalid deploy request: the workload JWT has no hash claim")
-        if request.workload_name is not None and request.workload_name != name:
-            raise Refused(f"Invalid deploy request: workload_name {request.workload_name!r} is not the JWT's {name!r}")
-        if request.hash is not None and request.hash != claims.text("hash"):
-            raise Refused("Invalid deploy request: artifact hash claim does not match request")
-        return claims
 
     async def _launch(self, spec: WorkloadSpec) -> Workload:
         """Take a ready machine and have its agent run ``spec``; the workload, recorded."""
@@ -374,24 +337,7 @@ class WorkloadManager(Actor[WorkloadMsg]):
             claims = crypto.decode_generic_jwt(request.workload_jwt)
         except crypto.JwtError as exc:
             raise Refused(f"Invalid stop request: {exc}") from None
-        spec = workload.spec
-        if claims.iss != spec.issuer:
-            raise Refused(
-                "Invalid stop request: the only entity allowed to terminate a workload "
-                "is the issuer that originally started it"
-            )
-        if claims.jti == spec.jti or claims.iat == spec.iat:
-            raise Refused(
-                "Invalid stop request: stop claims appear to be cloned or captured from the original start "
-                "claims (same jti or iat). Rejecting for security reasons"
-            )
-        if claims.jti in workload.stop_tokens:
-            raise Refused("Invalid stop request: this stop JWT was used before; sign a new one")
-        if claims.sub not in (spec.subject, spec.name):
-            raise Refused(
-                f"Invalid stop request: stop claims subject {claims.sub!r} does not match the workload "
-                f"({spec.name!r}) or its original start claims subject"
-            )
+        checks.check_stop(claims, workload.spec, workload.stop_tokens)
         workload.stop_tokens.add(claims.jti)
         return workload
 
@@ -535,16 +481,6 @@ class WorkloadManager(Actor[WorkloadMsg]):
             await self.control.respond(msg, reply)
         except LinkError as exc:
             log.warning("Could not send a reply", subject=msg.subject, error=str(exc))
-
-
-def _check_size(size: int, limit: int) -> None:
-    if limit and size > limit:
-        raise Refused(f"Workload file size would exceed node limitations: {size} bytes, at most {limit} allowed")
-
-
-def workload_name(claims: crypto.GenericClaims) -> str:
-    """A workload's name in its JWT: ``sub`` as nex's clients set it (``nats.name`` if present)."""
-    return claims.text("name") or claims.sub
 
 
 def notify_machine_ended(manager: ActorRef[WorkloadMsg]) -> Callable[[str, str], None]:
