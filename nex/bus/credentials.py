@@ -111,11 +111,12 @@ class AgentCredentials:
             await self._dirty.wait()
             self._dirty = trio.Event()
             covering = self._changes
-            coming, self._coming = self._coming, []
+            covered = len(self._coming)  # stays in _coming (spare, not given out) until applied
             if self._server is not None:
                 await self._server.reload()
                 self.reloads += 1
-            self._ready.extend(coming)
+            self._ready.extend(self._coming[:covered])
+            del self._coming[:covered]
             self._applied = covering
             self._reloaded.set()
             self._reloaded = trio.Event()

@@ -22,7 +22,7 @@ from pathlib import Path
 import msgspec
 import trio
 
-from actors import Actor, Journal, Message, Reply
+from actors import Actor, ActorRef, Journal, Mailbox, Message, Registry, Reply
 from nex import logs
 from nex.api import agent as agent_api
 from nex.bus.credentials import AgentCredentials
@@ -115,6 +115,24 @@ class Machine(Actor[MachineMsg]):
         self.workload: agent_api.AgentDeployRequest | None = None
         self.store = False  # its artifact store exists
 
+    async def run(
+        self,
+        mailbox: Mailbox[MachineMsg],
+        *,
+        registry: Registry | None = None,
+        task_status: trio.TaskStatus[ActorRef[MachineMsg]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run the machine; its agent's user on the internal server goes with it, however it ends.
+
+        Revoked here rather than from the cleanup stack so that a cancellation landing before
+        ``on_start`` has pushed anything (the stack is entered at a checkpoint) cannot leave the
+        credential behind.
+        """
+        try:
+            await super().run(mailbox, registry=registry, task_status=task_status)
+        finally:
+            self.deps.credentials.revoke(self.vmid)
+
     async def on_start(self) -> None:
         deps, vmid = self.deps, self.vmid
         folder = MachineDir(deps.vm_root, vmid)
@@ -130,7 +148,6 @@ class Machine(Actor[MachineMsg]):
             agent_api.MachineMetadata(vmid=vmid, node_nats_host=deps.agent_host, node_nats_port=deps.agent_port),
         )
         folder.note("created")
-        self.cleanup.push(f"credentials of {vmid}", _revoke(deps.credentials, vmid), durable=False)
         seed = self.seed
         env = {
             agent_api.ENV_VMID: vmid,
@@ -270,13 +287,6 @@ class Machine(Actor[MachineMsg]):
         if self.on_lost is not None and self.state == "ready":
             self.on_lost(reason)  # a replacement can start while this machine is torn down
         raise AgentExited(reason)
-
-
-def _revoke(credentials: AgentCredentials, vmid: str) -> Callable[[], Awaitable[None]]:
-    async def revoke() -> None:
-        credentials.revoke(vmid)
-
-    return revoke
 
 
 def _forget(book: HandshakeBook, vmid: str) -> Callable[[], Awaitable[None]]:

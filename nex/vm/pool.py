@@ -217,14 +217,19 @@ class Pool(Actor[PoolMsg]):
                 await self.machines.terminate_child(member.vmid)
 
     async def _start_machine(self, vmid: str, seed: str) -> None:
-        async with self.limiter:
-            self.starts += 1
-            try:
+        try:
+            async with self.limiter:
+                self.starts += 1
                 ref = await self.machines.start_child(self._machine_spec(vmid, seed))
-            except Exception as exc:
-                self.members.pop(vmid, None)
-                self._failed(vmid, exc)
-                return
+        except BaseException as exc:
+            # A machine cancelled before its task ran cannot revoke its agent's user; one that ran
+            # already has (revoking twice is harmless).
+            self.deps.credentials.revoke(vmid)
+            self.members.pop(vmid, None)
+            if not isinstance(exc, Exception):
+                raise
+            self._failed(vmid, exc)
+            return
         member = self.members.get(vmid)
         if member is None:
             return  # it already left again
