@@ -28,6 +28,10 @@ from . import render
 
 T = TypeVar("T")
 
+Flag = Annotated[bool, Parameter(negative="")]
+"""A switch with no ``--no-`` form."""
+Follow = Annotated[bool, Parameter(name=["--follow", "-f"], negative="")]
+
 app = App(
     name="nex",
     help="NATS execution engine: run a node, list and inspect nodes, run workloads and watch them.",
@@ -213,7 +217,7 @@ def _up(
 @app.command
 def ls(
     *,
-    json: Annotated[bool, Parameter(negative="")] = False,
+    json: Flag = False,
     expect: int | None = None,
     conn: Connection = Connection(),  # noqa: B008
     query: Query = Query(),  # noqa: B008
@@ -244,7 +248,7 @@ def info(
     node_id: str | None = None,
     /,
     *,
-    json: Annotated[bool, Parameter(negative="")] = False,
+    json: Flag = False,
     conn: Connection = Connection(),  # noqa: B008
     query: Query = Query(),  # noqa: B008
 ) -> int:
@@ -326,10 +330,10 @@ def run(
     name: str | None = None,
     env: Annotated[list[str] | None, Parameter(negative="")] = None,
     argv: Annotated[list[str] | None, Parameter(negative="")] = None,
-    essential: bool = False,
+    essential: Flag = False,
     description: str = "",
     node: str | None = None,
-    json: Annotated[bool, Parameter(negative="")] = False,
+    json: Flag = False,
     keys: Keys = Keys(),  # noqa: B008
     conn: Connection = Connection(),  # noqa: B008
     query: Query = Query(),  # noqa: B008
@@ -409,7 +413,7 @@ def stop(
     workload_id: str,
     /,
     *,
-    json: Annotated[bool, Parameter(negative="")] = False,
+    json: Flag = False,
     keys: Keys = Keys(),  # noqa: B008
     conn: Connection = Connection(),  # noqa: B008
     query: Query = Query(),  # noqa: B008
@@ -443,8 +447,8 @@ def logs(
     *,
     workload: str | None = None,
     node: str | None = None,
-    follow: Annotated[bool, Parameter(name=["--follow", "-f"], negative="")] = False,
-    json: Annotated[bool, Parameter(negative="")] = False,
+    follow: Follow = False,
+    json: Flag = False,
     conn: Connection = Connection(),  # noqa: B008
     query: Query = Query(),  # noqa: B008
 ) -> int:
@@ -477,8 +481,8 @@ def logs(
 @app.command
 def events(
     *,
-    follow: Annotated[bool, Parameter(name=["--follow", "-f"], negative="")] = False,
-    json: Annotated[bool, Parameter(negative="")] = False,
+    follow: Follow = False,
+    json: Flag = False,
     conn: Connection = Connection(),  # noqa: B008
     query: Query = Query(),  # noqa: B008
 ) -> int:
