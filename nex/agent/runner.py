@@ -3,9 +3,9 @@
 On ``deploy`` the agent takes the artifact from its machine's object store (``NEXCACHE_{vmid}``,
 key ``workload``; received as the node writes it, see :mod:`.store_watch`), checks its size and
 sha256 against the request, writes it executable into the machine's directory, and starts it with
-the request's argv and environment (keys upper-cased and nothing inherited, as nex does). The
-workload dies with the agent (PR_SET_PDEATHSIG; it is started from a child forked as the artifact
-arrives, see :mod:`.launchpad`). It then confirms, reports ``workload_started``,
+the request's argv and environment (keys upper-cased and nothing inherited, as nex does), in a PID
+namespace of its own so that whatever it starts ends with it; it dies with the agent (started from
+children forked as the artifact arrives, see :mod:`.launchpad`). It then confirms, reports ``workload_started``,
 streams stdout (level info) and stderr (level error) line by line on ``agentint.{vmid}.logs``, and
 reports ``workload_stopped`` with the exit code when it ends.
 
@@ -74,7 +74,8 @@ class Runner:
         self.request = request
         await self._answer(msg, True)
         await self._event(api.WorkloadStatus(workload_name=request.workload_name), "workload_started")
-        self._say(f"workload {request.workload_name} started: pid {self.process.pid}")
+        alone = "" if launchpad.contained else " (no PID namespace: what it starts may outlive it)"
+        self._say(f"workload {request.workload_name} started: init pid {self.process.pid}{alone}")
         assert self.process.stdout is not None
         assert self.process.stderr is not None
         self._pumps = [

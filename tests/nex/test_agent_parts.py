@@ -64,25 +64,46 @@ def test_an_unused_launchpad_goes_away_when_closed() -> None:
         os.waitpid(pad.pid, os.WNOHANG)
 
 
-def test_the_workload_dies_with_a_killed_agent(tmp_path: Path) -> None:
+def test_the_workload_and_what_it_started_die_with_a_killed_agent() -> None:
     agent = textwrap.dedent(
         """
-        import asyncio, sys
+        import asyncio
         from nex.agent.launchpad import Launchpad
         async def main():
-            workload = await Launchpad().launch("/bin/sleep", ["300"], {}, "/", limit=1024)
-            print(workload.pid, flush=True)
+            pad = Launchpad()
+            script = "setsid sleep 301 & echo started; exec sleep 300"
+            workload = await pad.launch("/bin/sh", ["-c", script], {}, "/", limit=1024)
+            await workload.stdout.readline()  # its daemon is forked by now
+            print(workload.pid, pad.contained, flush=True)
             await asyncio.sleep(300)
         asyncio.run(main())
         """
     )
     proc = subprocess.Popen([sys.executable, "-c", agent], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    workload = int(proc.stdout.readline())
-    assert Path(f"/proc/{workload}/cmdline").read_bytes().startswith(b"/bin/sleep")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(10)
-    assert wait_gone([workload], timeout=10) == [], "the workload outlived its agent"
+    try:
+        assert proc.stdout is not None
+        init, contained = proc.stdout.readline().split()
+        if contained != "True":
+            pytest.skip("no PID namespace could be made (needs CAP_SYS_ADMIN): what a workload starts is not contained")
+        namespace = os.readlink(f"/proc/{init}/ns/pid")
+        assert namespace != os.readlink("/proc/self/ns/pid"), "the workload has a PID namespace of its own"
+        members = [pid for pid in _pids() if _pid_namespace(pid) == namespace]
+        assert len(members) == 3, "init, the workload and its daemon"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    assert wait_gone(members, timeout=10) == [], "the workload or its daemon outlived its agent"
+
+
+def _pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _pid_namespace(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return ""
 
 
 async def _watch_and_write(url: str) -> None:

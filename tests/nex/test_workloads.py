@@ -260,6 +260,40 @@ def test_stop_needs_the_deploying_issuer_and_a_fresh_jwt(
     assert node.stop() == 0
 
 
+def test_processes_a_workload_leaves_behind_end_with_it(
+    home: Path, open_nats_server: NatsServerProc, obus: Bus, binaries: Binaries
+) -> None:
+    """A daemon (double fork, own session) outlives neither a workload that exits nor one stopped."""
+    needs_namespaces()
+    alice = Requester(obus)
+    node = NodeProcess(home, "--pool-size", "2", server=open_nats_server.url).start(obus)
+    events = obus.collect("$NEX.events.default.*")
+    logs = obus.collect(f"$NEX.logs.default.{node.node_id}.>")
+    target = node.ping(obus)
+    echo = alice.upload(binaries.echo, "echo")
+    exits = started(
+        alice.deploy(node.node_id, alice.deploy_body(target, echo, "exits", {"ECHO_DAEMON": "1", "ECHO_EXIT": "0"}))
+    )
+    serves_env = {"ECHO_DAEMON": "1", **echo_env(open_nats_server, "echo.daemon")}
+    serves = started(alice.deploy(node.node_id, alice.deploy_body(target, echo, "serves", serves_env)))
+    for workload in (exits, serves):
+        assert "daemon" in logs.wait(f".{workload.id}")["text"]  # it was there
+    assert echo_request(obus, "echo.daemon", b"x") == b"x"
+
+    ended = events.wait("default.workload_stopped", source=node.node_id)
+    assert ended["data"]["id"] == exits.id
+    assert processes_mentioning(exits.id) == {}, "the daemon of a workload that exited is gone with it"
+    later = int(time.time()) + 1  # a stop issued in the deploy's second would look replayed
+    stop_body = workload_request.stop_request(serves.id, "serves", node.node_id, alice.keys.issuer, issued_at=later)
+    stop = alice.stop(node.node_id, stop_body)
+    assert stop.error is None, stop.error
+    ended = events.wait("default.workload_stopped", source=node.node_id)
+    assert ended["data"]["id"] == serves.id
+    assert ended["data"]["code"] == 0, "the workload itself still gets SIGTERM and exits cleanly"
+    assert processes_mentioning(serves.id) == {}, "the daemon of a stopped workload is gone with it"
+    assert node.stop() == 0
+
+
 def test_a_verified_artifact_is_reused_only_while_the_store_still_holds_it(
     home: Path, open_nats_server: NatsServerProc, obus: Bus, binaries: Binaries
 ) -> None:

@@ -5,7 +5,8 @@
  * the subject and answers every request with ECHO_PREFIX followed by the request's payload. It prints
  * one line to stdout when it is subscribed and one to stderr per request, so tests can watch its logs.
  * It exits 0 on SIGTERM and 3 when the server goes away. With ECHO_EXIT=N it prints a line and exits
- * with code N at once (a workload that fails).
+ * with code N at once (a workload that fails). With ECHO_DAEMON=1 it first leaves a daemon behind: a
+ * grandchild in a session of its own that prints one line and sleeps until killed.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -15,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 static char buf[1 << 16];
@@ -70,7 +72,22 @@ static int read_payload(char *out, size_t len) {
     return 0;
 }
 
+static void leave_a_daemon(void) {
+    pid_t child = fork();
+    if (child == 0) {
+        setsid();
+        if (fork() == 0) {
+            printf("echo: daemon %d running\n", (int)getpid());
+            fflush(stdout);
+            for (;;) pause();
+        }
+        _exit(0);
+    }
+    waitpid(child, NULL, 0);
+}
+
 int main(int argc, char **argv) {
+    if (getenv("ECHO_DAEMON") != NULL) leave_a_daemon();
     const char *code = getenv("ECHO_EXIT");
     if (code != NULL) {
         printf("echo: exiting with code %s (argv:", code);
