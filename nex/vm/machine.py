@@ -37,6 +37,7 @@ from .state import MachineDir
 log = logs.get("nex.vm")
 _encoder = msgspec.json.Encoder()
 UNDEPLOY_SLACK = 5.0  # beyond the workload's grace, for the agent to kill it and answer
+ANSWER_GRACE = 1.0  # for a deploy's answer sent just before the agent exited
 
 
 class HandshakeTimeout(Exception):
@@ -114,6 +115,7 @@ class Machine(Actor[MachineMsg]):
         self.context: MachineContext | None = None
         self.workload: agent_api.AgentDeployRequest | None = None
         self.store = False  # its artifact store exists
+        self._deploy_settled = trio.Event()  # the deploy's answer is in, whichever it was
 
     async def run(
         self,
@@ -227,6 +229,15 @@ class Machine(Actor[MachineMsg]):
             reply.fail(WorkloadRejected(f"machine {self.vmid} is {self.state}, not ready for a workload"))
             return
         self.state = "deploying"
+        try:
+            await self._hand_over(link, request, artifact, reply)
+        finally:
+            self._deploy_settled.set()
+
+    async def _hand_over(
+        self, link: NatsLink, request: agent_api.AgentDeployRequest, artifact: bytes, reply: Reply[None]
+    ) -> None:
+        """Stage the artifact, ask the agent to run it, and answer ``reply``; stop the machine on failure."""
         vmid = self.vmid
         try:
             if not self.store:
@@ -281,6 +292,12 @@ class Machine(Actor[MachineMsg]):
     async def _watch_agent(self, agent: AgentProcess) -> None:
         code = await agent.wait()
         reason = f"the agent of machine {self.vmid} (pid {agent.pid}) exited with code {code}"
+        if self.state == "deploying":
+            # A workload that ends at once ends its agent too, right after the agent answered the
+            # deploy. The exit comes by pidfd, the answer over NATS: let the answer land first, or
+            # the deploy of a workload that did run would be reported as failed.
+            with trio.move_on_after(ANSWER_GRACE):
+                await self._deploy_settled.wait()
         if self.state in ("running", "stopping"):
             self.stop()  # its workload ended and the agent with it: the machine's job is done
             return

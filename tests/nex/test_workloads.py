@@ -294,6 +294,28 @@ def test_processes_a_workload_leaves_behind_end_with_it(
     assert node.stop() == 0
 
 
+def test_a_workload_that_exits_at_once_is_still_reported_started_then_stopped(
+    home: Path, open_nats_server: NatsServerProc, obus: Bus, binaries: Binaries
+) -> None:
+    """Its agent answers the deploy and exits at once (the order of the two is pinned in
+    tests/nex/test_machine_order.py): the deploy succeeds and both events come, every time."""
+    needs_namespaces()
+    alice = Requester(obus)
+    node = NodeProcess(home, "--pool-size", "2", server=open_nats_server.url).start(obus)
+    events = obus.collect("$NEX.events.default.*")
+    target = node.ping(obus)
+    echo = alice.upload(binaries.echo, "echo")
+    for run in range(3):
+        body = alice.deploy_body(target, echo, f"brief{run}", {"ECHO_EXIT": "0"})
+        envelope = alice.deploy(node.node_id, body)
+        assert envelope.error is None, f"run {run}: {envelope.error}"
+        workload = started(envelope)
+        assert events.wait("default.workload_started", source=node.node_id)["data"]["id"] == workload.id
+        ended = events.wait("default.workload_stopped", source=node.node_id)
+        assert (ended["data"]["id"], ended["data"]["code"]) == (workload.id, 0), ended
+    assert node.stop() == 0
+
+
 def test_a_verified_artifact_is_reused_only_while_the_store_still_holds_it(
     home: Path, open_nats_server: NatsServerProc, obus: Bus, binaries: Binaries
 ) -> None:
