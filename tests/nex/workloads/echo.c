@@ -73,16 +73,24 @@ static int read_payload(char *out, size_t len) {
 }
 
 static void leave_a_daemon(void) {
+    int up[2];
+    if (pipe(up) != 0) return;
     pid_t child = fork();
     if (child == 0) {
         setsid();
         if (fork() == 0) {
             printf("echo: daemon %d running\n", (int)getpid());
             fflush(stdout);
+            close(up[1]);  /* it is up and has said so: the workload goes on */
             for (;;) pause();
         }
         _exit(0);
     }
+    close(up[1]);
+    char byte;
+    while (read(up[0], &byte, 1) > 0) {
+    }
+    close(up[0]);
     waitpid(child, NULL, 0);
 }
 
