@@ -39,6 +39,8 @@ from .errors import reason
 log = logs.get("nex.bus")
 T = TypeVar("T")
 
+SUBSCRIBE_TIMEOUT = 5.0  # for the server to confirm subscriptions (a flush)
+
 
 class InboundMsg(Message):
     """A message from NATS, as an actor receives it."""
@@ -174,6 +176,8 @@ class NatsLink:
             self.url = self._connected_url()
             for sub in list(self._subs.values()):
                 await self.aio.run(self._nats_subscribe, sub)
+            if self._subs:
+                await self._confirm_subscriptions()
             log.info("Established NATS connection", link=self.name, servers=self.url)
             self._emit(LinkUp(link=self.name, url=self.url))
             task_status.started(self)
@@ -258,12 +262,18 @@ class NatsLink:
             raise RequestTimeout(f"{self.name} link: flush not acknowledged within {timeout:g}s") from None
 
     async def subscribe(self, subject: str, target: ActorRef[Any], *, queue: str = "") -> Subscription:
-        """Deliver every message on ``subject`` to ``target`` as :class:`InboundMsg`."""
+        """Deliver every message on ``subject`` to ``target`` as :class:`InboundMsg`.
+
+        Returns once the server has the subscription (a flush: one round trip), so whatever anyone
+        publishes after that is delivered; nats-py alone returns once the SUB is buffered, and a
+        message sent on another connection could overtake it.
+        """
         sub = Subscription(subject, queue, target)
         self._subs[sub.id] = sub
         if self._nc is not None:
             try:
                 await self.aio.run(self._nats_subscribe, sub)
+                await self._confirm_subscriptions()
             except BaseException:
                 del self._subs[sub.id]
                 raise
@@ -343,6 +353,19 @@ class NatsLink:
             await nc.drain()
         except Exception:
             await nc.close()
+
+    async def _confirm_subscriptions(self) -> None:
+        """Until the server has every subscription sent so far (a flush).
+
+        Raises:
+            RequestTimeout: it did not confirm within :data:`SUBSCRIBE_TIMEOUT`.
+        """
+        try:
+            await self.aio.run(self._client().flush, SUBSCRIBE_TIMEOUT)
+        except (nats.errors.TimeoutError, TimeoutError):
+            raise RequestTimeout(
+                f"{self.name} link: the server did not confirm subscriptions within {SUBSCRIBE_TIMEOUT:g}s"
+            ) from None
 
     async def _nats_subscribe(self, sub: Subscription) -> None:
         async def callback(msg: Msg) -> None:
