@@ -101,6 +101,7 @@ class NodeConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     driver: Driver = "process"
     state_dir: str | None = None
     heartbeat_interval_ms: int = 30_000
+    agent_ping_interval_ms: int = 5_000  # between pings of each agent (agent_ping_timeout_ms each); 0: none
     lameduck_deadline_ms: int = 600_000
     essential_restart_limit: int = 5  # restarts of an essential workload that keeps failing
     essential_backoff_ms: int = 1_000  # wait before its first restart; doubles each time, at most 30 s
@@ -193,6 +194,7 @@ def validate(config: NodeConfig) -> list[str]:
     at_least(config.agent_handshake_timeout_ms, 1, "$.agent_handshake_timeout_ms")
     at_least(config.agent_ping_timeout_ms, 1, "$.agent_ping_timeout_ms")
     at_least(config.heartbeat_interval_ms, 100, "$.heartbeat_interval_ms")
+    at_least(config.agent_ping_interval_ms, 0, "$.agent_ping_interval_ms")
     at_least(config.lameduck_deadline_ms, 0, "$.lameduck_deadline_ms")
     at_least(config.essential_restart_limit, 0, "$.essential_restart_limit")
     at_least(config.essential_backoff_ms, 0, "$.essential_backoff_ms")

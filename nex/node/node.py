@@ -222,6 +222,8 @@ class Node:
             agent_host=networks.agent_host,
             agent_port=internal_port,
             handshake_timeout=self.config.agent_handshake_timeout_ms / 1000,
+            ping_interval=self.config.agent_ping_interval_ms / 1000,
+            ping_timeout=self.config.agent_ping_timeout_ms / 1000,
             internal=internal_link,
             ended=manager.notify_machine_ended(ActorRef(workload_mailbox)),
         )

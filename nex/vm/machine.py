@@ -14,6 +14,7 @@ pool makes new ones.
 from __future__ import annotations
 
 import contextlib
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from actors import Actor, ActorRef, Journal, Mailbox, Message, Registry, Reply
 from nex import logs
 from nex.api import agent as agent_api
 from nex.bus.credentials import AgentCredentials
-from nex.bus.link import LinkError, NatsLink
+from nex.bus.link import LinkError, NatsLink, NotConnected
 from nex.workload import store
 
 from .drivers.base import Driver, MachineContext
@@ -38,6 +39,7 @@ log = logs.get("nex.vm")
 _encoder = msgspec.json.Encoder()
 UNDEPLOY_SLACK = 5.0  # beyond the workload's grace, for the agent to kill it and answer
 ANSWER_GRACE = 1.0  # for a deploy's answer sent just before the agent exited
+PING_MISSES = 3  # unanswered pings in a row before the agent counts as lost
 
 
 class HandshakeTimeout(Exception):
@@ -46,6 +48,10 @@ class HandshakeTimeout(Exception):
 
 class AgentExited(Exception):
     """The machine's agent process exited."""
+
+
+class AgentLost(Exception):
+    """The machine's agent no longer answers its pings (nex: "Lost contact with agent")."""
 
 
 class MachineInfo(msgspec.Struct):
@@ -98,6 +104,8 @@ class MachineDeps:
     internal: NatsLink | None = None  # to talk to agents and stage artifacts
     ended: Callable[[str, str], None] | None = None  # (vmid, reason) whenever a machine ends
     deploy_timeout: float = 10.0
+    ping_interval: float = 5.0  # between pings of a started machine's agent; 0: no pings
+    ping_timeout: float = 0.75
 
 
 class Machine(Actor[MachineMsg]):
@@ -203,6 +211,8 @@ class Machine(Actor[MachineMsg]):
             raise HandshakeTimeout(f"the artifact store of machine {vmid} was not made within the handshake timeout")
         self.state = "ready"
         folder.note(f"handshake after {(trio.current_time() - started) * 1000:.1f} ms")
+        if deps.internal is not None and deps.ping_interval > 0:
+            self.nursery.start_soon(self._keep_in_touch, deps.internal)
 
     async def _create_store(self, link: NatsLink, made: trio.Event) -> None:
         """The machine's own artifact store, which its agent watches once the machine is ready."""
@@ -288,6 +298,37 @@ class Machine(Actor[MachineMsg]):
             driver=self.deps.driver.name,
             since=self.since,
         )
+
+    async def _keep_in_touch(self, link: NatsLink) -> None:
+        """Ping the agent every ``ping_interval``; after :data:`PING_MISSES` unanswered in a row the
+        machine is lost (its crash: torn down, and replaced if it was in the pool).
+
+        An agent can hang while its process lives on, where the pidfd watch sees nothing. nex v0.2.7
+        gives up at the first miss; three ride out a busy moment. A node that cannot reach its own
+        internal server does not blame its agents.
+        """
+        vmid = self.vmid
+        misses = 0
+        while True:
+            await trio.sleep(self.deps.ping_interval)
+            try:
+                await link.request(
+                    agent_api.ping(vmid), timeout=self.deps.ping_timeout, reply_prefix=agent_api.replies(vmid)
+                )
+            except NotConnected:
+                continue
+            except LinkError as exc:
+                misses += 1
+                log.warning("Agent did not answer a ping", vmid=vmid, misses=misses, error=str(exc))
+                if misses < PING_MISSES:
+                    continue
+                reason = f"lost contact with the agent of machine {vmid}: {misses} pings unanswered"
+                if self.agent is not None:
+                    self.agent.signal(signal.SIGKILL)  # hung: a polite stop would only wait out its grace
+                if self.on_lost is not None and self.state == "ready":
+                    self.on_lost(reason)
+                raise AgentLost(reason) from None
+            misses = 0
 
     async def _watch_agent(self, agent: AgentProcess) -> None:
         code = await agent.wait()

@@ -114,6 +114,7 @@ def machine_with_stand_ins(tmp_path: Path) -> tuple[Machine, StandInDriver, Stan
         agent_port=4222,
         handshake_timeout=10.0,
         internal=link,  # type: ignore[arg-type]
+        ping_interval=0,  # its pings are not what these tests are about
     )
     return Machine("dc18order0000000000g", "SUSEED", deps), driver, link
 

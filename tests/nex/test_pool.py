@@ -6,6 +6,7 @@ These need root (network namespaces and links); without it they skip and say why
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -101,6 +102,30 @@ def test_a_killed_agent_gets_its_machine_torn_down_and_replaced(
     assert replacement != victim
     assert_machine_gone(victim)
     assert "Machine left the pool" in node.log()
+    assert node.stop() == 0
+
+
+def test_a_hung_agent_is_found_by_its_pings_and_its_machine_replaced(
+    home: Path, nats_server: NatsServerProc, bus: Bus
+) -> None:
+    config = home / "ping.json"
+    config.write_text(json.dumps({"agent_ping_interval_ms": 100, "agent_ping_timeout_ms": 100}))
+    node = NodeProcess(home, "--pool-size", "2", "--config", str(config), server=nats_server.url).start(bus)
+    before = {m.id for m in node.info(bus).pool}
+    victim, healthy = sorted(before)
+    agent = agents_of(node)[victim]
+    os.kill(agent, signal.SIGSTOP)  # alive, and silent: only its pings can tell
+
+    def replaced(info: control.InfoResponse) -> bool:
+        ready = [m for m in info.pool if m.state == "ready"]
+        return victim not in {m.id for m in info.pool} and len(ready) == 2
+
+    info = wait_for_pool(node, bus, replaced, what="replacement of the machine whose agent hung")
+    assert healthy in {m.id for m in info.pool}, "an agent that answers is never dropped"
+    assert f"lost contact with the agent of machine {victim}: 3 pings unanswered" in node.log()
+    node.wait_log(f"machines: child {victim} crashed")  # logged once its teardown is done
+    assert wait_gone([agent], timeout=0) == [], "the hung agent is killed with its machine"
+    assert_machine_gone(victim)
     assert node.stop() == 0
 
 
