@@ -35,6 +35,11 @@ HANDSHAKE_ATTEMPTS = 10
 HANDSHAKE_TIMEOUT = 0.5
 RECONNECT_ATTEMPTS = 20  # × RECONNECT_WAIT: how long an agent outlives a silent node
 RECONNECT_WAIT = 0.25
+FIRST_CONNECT_ATTEMPTS = 250  # × FIRST_CONNECT_WAIT: how long an agent tries to reach its node at all
+FIRST_CONNECT_WAIT = 0.02
+"""Quick retries while connecting: nats-server drops a client that has not yet sent CONNECT whenever it
+reloads its users ("authentication error"), and the node adds users as machines start, so an agent
+starting beside others often loses its first attempt. Waiting RECONNECT_WAIT then cost 250 ms."""
 
 
 class MetadataError(Exception):
@@ -119,8 +124,8 @@ async def start(meta: api.MachineMetadata, stopped: asyncio.Event) -> Client | N
             url,
             name=f"nex-agent {meta.vmid}",
             inbox_prefix=api.inbox_prefix(meta.vmid),
-            max_reconnect_attempts=RECONNECT_ATTEMPTS,
-            reconnect_time_wait=RECONNECT_WAIT,
+            max_reconnect_attempts=FIRST_CONNECT_ATTEMPTS,
+            reconnect_time_wait=FIRST_CONNECT_WAIT,
             connect_timeout=2,
             no_echo=True,
             error_cb=quiet,
@@ -130,6 +135,9 @@ async def start(meta: api.MachineMetadata, stopped: asyncio.Event) -> Client | N
     except Exception as exc:
         log(f"cannot connect to the node at {url}: {exc!r}")
         return None
+    # Connected: reconnects from now on are patient. nats-py reads these two per attempt.
+    nc.options["max_reconnect_attempts"] = RECONNECT_ATTEMPTS
+    nc.options["reconnect_time_wait"] = RECONNECT_WAIT
     runner = Runner(nc, meta.vmid, stopped, log)
     RUNNERS[meta.vmid] = runner
     try:
