@@ -351,7 +351,9 @@ class NatsLink:
             return
         try:
             await nc.drain()
-        except Exception:
+        except (Exception, asyncio.CancelledError):
+            # nats-py cancels its own drain when the server goes away under it (a node stopping
+            # stops its servers and links together); close is what is left to do either way.
             await nc.close()
 
     async def _confirm_subscriptions(self) -> None:
