@@ -19,7 +19,7 @@ import hashlib
 import os
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -42,6 +42,7 @@ T = TypeVar("T")
 
 DEFAULT_SERVER = "nats://127.0.0.1:4222"
 DISCOVERY_WINDOW = 0.75  # how long to collect ping answers when picking a node
+REASK = 0.25  # between pings while waiting for an expected number of nodes
 UPLOAD_BUCKET = "NEXCLIFILES"  # nex devrun's bucket
 UPLOAD_MAX_BYTES = 100 * 1024 * 1024  # nex's objectStoreMaxBytes
 
@@ -148,7 +149,7 @@ class NexClient:
 
     async def ping(self, expect: int | None = None) -> list[control.PingResponse]:
         """Every node that answers ``$NEX.PING`` within the timeout (sooner once ``expect`` answered)."""
-        found = await self._gather(subjects.PING, control.PingResponse, expect)
+        found = await self._gather(subjects.PING, control.PingResponse, expect, key=lambda node: node.node_id)
         return sorted(found, key=lambda n: (n.tags.get("node_name", ""), n.node_id))
 
     async def resolve(self, node_id: str | None) -> str:
@@ -294,24 +295,46 @@ class NexClient:
                 with contextlib.suppress(nats.errors.Error):
                     await sub.unsubscribe()
 
-    async def _gather(self, subject: str, kind: type[T], expect: int | None, *, window: float | None = None) -> list[T]:
-        """Scatter/gather: the answers to ``subject`` within ``window`` (the timeout), or the first ``expect``."""
+    async def _gather(
+        self,
+        subject: str,
+        kind: type[T],
+        expect: int | None,
+        *,
+        window: float | None = None,
+        key: Callable[[T], str] | None = None,
+    ) -> list[T]:
+        """Scatter/gather: the answers to ``subject`` within ``window`` (the timeout), or the first ``expect``.
+
+        With ``expect`` and ``key`` (what tells answerers apart), the question is asked again every
+        :data:`REASK` seconds until ``expect`` different answerers have answered: one that starts
+        listening just after the first ask (a node coming up) is still found, and counted once.
+        """
         inbox = self.nc.new_inbox()
         sub = await self.nc.subscribe(inbox)
-        found: list[T] = []
+        found: dict[object, T] = {}
+        reask = expect is not None and key is not None
         try:
             await self.nc.publish(subject, b"", reply=inbox)
             deadline = time.monotonic() + (self.timeout if window is None else window)
+            next_ask = time.monotonic() + REASK
             while (remaining := deadline - time.monotonic()) > 0 and (expect is None or len(found) < expect):
+                wait = remaining
+                if reask:
+                    if time.monotonic() >= next_ask:
+                        await self.nc.publish(subject, b"", reply=inbox)
+                        next_ask = time.monotonic() + REASK
+                    wait = max(0.001, min(remaining, next_ask - time.monotonic()))
                 try:
-                    msg = await sub.next_msg(timeout=remaining)
+                    msg = await sub.next_msg(timeout=wait)
                 except nats.errors.TimeoutError:
-                    break
+                    continue
                 with contextlib.suppress(NexError):  # a node that cannot answer is not one we can list
-                    found.append(_unwrap(msg.data, kind))
+                    answer = _unwrap(msg.data, kind)
+                    found[key(answer) if key is not None else len(found)] = answer
         finally:
             await sub.unsubscribe()
-        return found
+        return list(found.values())
 
     async def _request(self, subject: str, payload: bytes, kind: type[T]) -> T:
         try:

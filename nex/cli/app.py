@@ -229,7 +229,8 @@ def ls(
     json
         Print the nodes' ping responses as JSON.
     expect
-        Return as soon as this many nodes have answered.
+        Wait (up to --timeout) until this many nodes have answered, asking again every 250 ms
+        (nodes still starting are found), and return then.
     """
 
     def run() -> int:

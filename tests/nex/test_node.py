@@ -11,6 +11,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import pytest
 from nex.api import control
 
 from .support import (
+    NEX,
     SEED_SAMPLE,
     Bus,
     NatsServerProc,
@@ -66,6 +69,27 @@ def test_ls_shows_a_node_with_nex_fields(home: Path, nats_server: NatsServerProc
     table = run_cli("ls", "-s", nats_server.url)
     assert "NATS Execution Nodes" in table.stdout
     assert node.node_id in table.stdout
+    assert node.stop() == 0
+
+
+def test_ls_expect_finds_a_node_that_comes_up_while_it_waits(home: Path, nats_server: NatsServerProc, bus: Bus) -> None:
+    asked = threading.Event()
+
+    async def on_ping(_msg: object) -> None:
+        asked.set()
+
+    bus.run(bus.nc.subscribe("$NEX.PING", cb=on_ping))
+    bus.run(bus.nc.flush())
+    argv = [NEX, "ls", "--json", "--expect", "1", "--timeout", "30s", "-s", nats_server.url]
+    ls = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert asked.wait(20), "nex ls never asked"
+        node = NodeProcess(home, server=nats_server.url).start(bus)  # only after the first ask went out
+        out, err = ls.communicate(timeout=40)
+    finally:
+        ls.kill()
+    assert ls.returncode == 0, err
+    assert [n["node_id"] for n in json.loads(out)] == [node.node_id], "found, and listed once"
     assert node.stop() == 0
 
 
