@@ -100,6 +100,33 @@ class Artifact:
     size: int
 
 
+def deploy_body(
+    artifact: Artifact,
+    node: control.PingResponse,
+    name: str,
+    keys: RequesterKeys,
+    *,
+    environment: dict[str, str] | None = None,
+    argv: list[str] | None = None,
+    description: str = "",
+    essential: bool = False,
+) -> bytes:
+    """The ``$NEX.DEPLOY`` body that runs ``artifact`` as ``name`` on ``node``: the environment
+    sealed to the node's xkey, the JWT (with the artifact's sha256) signed by ``keys.issuer``."""
+    deploy = workload_request.Deploy(
+        location=artifact.location,
+        name=name,
+        hash=artifact.hash,
+        node_id=node.node_id,
+        node_xkey=node.target_xkey,
+        environment=environment or {},
+        argv=argv or [],
+        description=description,
+        essential=essential,
+    )
+    return workload_request.deploy_request(deploy, keys.issuer, keys.xkey)
+
+
 class NexClient:
     def __init__(self, nc: Client, *, timeout: float, namespace: str, url: str = "") -> None:
         self.nc = nc

@@ -20,8 +20,7 @@ from nats.aio.msg import Msg
 
 from nex import __version__
 from nex.api import control, subjects
-from nex.client import NexClient, NexError, RequesterKeys, parse_duration
-from nex.workload import request as workload_request
+from nex.client import NexClient, NexError, RequesterKeys, deploy_body, parse_duration
 from nex.workload.names import NAME_RULE
 
 from . import render
@@ -382,18 +381,16 @@ def run(
         async def body(client: NexClient) -> tuple[control.RunResponse, control.PingResponse]:
             found = await client.find(node)
             artifact = await (client.upload(data, workload) if source is not None else client.stored(target))
-            deploy = workload_request.Deploy(
-                location=artifact.location,
-                name=workload,
-                hash=artifact.hash,
-                node_id=found.node_id,
-                node_xkey=found.target_xkey,
+            request = deploy_body(
+                artifact,
+                found,
+                workload,
+                requester,
                 environment=environment,
-                argv=argv or [],
+                argv=argv,
                 description=description,
                 essential=essential,
             )
-            request = workload_request.deploy_request(deploy, requester.issuer, requester.xkey)
             return await client.deploy(found, request), found
 
         response, found = _client_command(conn, query, body)

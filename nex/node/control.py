@@ -44,18 +44,10 @@ class ControlApi(Actor[InboundMsg]):
         self.pool = pool
         self.machines = machines
 
-    @classmethod
-    def spec(
-        cls,
-        state: NodeState,
-        link: NatsLink,
-        publisher: EventPublisher,
-        tree: Callable[[], TreeNode],
-        pool: Callable[[], list[control.PoolMember]],
-        machines: Machines,
-    ) -> ChildSpec:
+    def child_spec(self) -> ChildSpec:
+        """Restarts reuse this actor: what it answers from lives in the node's state, not in it."""
         mailbox = Mailbox[InboundMsg](256, Overflow.FAIL, name="control-api")  # the link counts drops
-        return actor_spec(lambda: cls(state, link, publisher, tree, pool, machines), mailbox)
+        return actor_spec(lambda: self, mailbox)
 
     async def on_start(self) -> None:
         for subject in subjects.control_subscriptions(self.state.node_id):

@@ -249,7 +249,7 @@ class Node:
             machines.child_spec(),
             pool_spec,
             workloads.spec(workload_mailbox),
-            ControlApi.spec(state, control_link, publisher, self._tree, pool_view, workloads.summaries),
+            ControlApi(state, control_link, publisher, self._tree, pool_view, workloads.summaries).child_spec(),
             Heartbeat(state, publisher).child_spec(),
             LameDuckWatcher(state).child_spec(),
         ]

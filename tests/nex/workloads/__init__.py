@@ -10,13 +10,13 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
 from nex import crypto
 from nex.api import control
-from nex.client import Artifact, NexClient, RequesterKeys
-from nex.workload import request as workload_request
+from nex.client import Artifact, NexClient, RequesterKeys, deploy_body
 
 from ..support import Bus
 
@@ -76,18 +76,9 @@ class Requester:
         artifact: Artifact,
         name: str,
         environment: dict[str, str] | None = None,
-        **options: object,
+        **options: Any,
     ) -> bytes:
-        deploy = workload_request.Deploy(
-            location=artifact.location,
-            name=name,
-            hash=artifact.hash,
-            node_id=node.node_id,
-            node_xkey=node.target_xkey,
-            environment=environment or {},
-            **options,  # type: ignore[arg-type]
-        )
-        return workload_request.deploy_request(deploy, self.keys.issuer, self.keys.xkey)
+        return deploy_body(artifact, node, name, self.keys, environment=environment, **options)
 
     def deploy(self, node_id: str, body: bytes) -> control.ReceivedEnvelope:
         """The node's one answer to a DEPLOY (a failure envelope is returned, not raised)."""
