@@ -14,7 +14,6 @@ Every process the node starts (nats-server, agents) is spawned through :func:`sp
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -23,16 +22,7 @@ from pathlib import Path
 
 import trio
 
-from nex import affinity
-
-PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
-_prctl = _libc.prctl
-_prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-
-
-CLONE_NEWNET = 0x40000000
-_setns = _libc.setns
+from nex import affinity, linux
 
 
 def _prepare_child(parent: int, netns_fd: int) -> None:
@@ -42,10 +32,8 @@ def _prepare_child(parent: int, netns_fd: int) -> None:
     and enters the machine's network namespace when there is one.
     """
     affinity.unpin_current()
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before the signal was armed
-        os._exit(1)
-    if netns_fd >= 0 and _setns(netns_fd, CLONE_NEWNET) != 0:
+    linux.die_with_parent(parent)
+    if netns_fd >= 0 and linux.libc.setns(netns_fd, linux.CLONE_NEWNET) != 0:
         os._exit(126)
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -36,9 +35,8 @@ from typing import NamedTuple
 
 import msgspec
 
-_libc = ctypes.CDLL(None, use_errno=True)
-PR_SET_PDEATHSIG = 1
-CLONE_NEWPID = 0x20000000
+from nex import linux
+
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 """What init passes on to the workload; SIGKILL needs no passing on (it ends the whole namespace)."""
 IGNORED_BY_PYTHON = (signal.SIGPIPE, signal.SIGXFSZ)
@@ -162,14 +160,13 @@ def _children_in_a_new_pid_namespace() -> Iterator[bool]:
     """
     own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        if _libc.unshare(CLONE_NEWPID) != 0:
+        if linux.libc.unshare(linux.CLONE_NEWPID) != 0:
             yield False
             return
         try:
             yield True
         finally:
-            if _libc.setns(own, CLONE_NEWPID) != 0:
-                raise OSError(ctypes.get_errno(), "cannot return to the agent's PID namespace")
+            linux.setns(own, linux.CLONE_NEWPID, "return to the agent's PID namespace")
     finally:
         os.close(own)
 
@@ -200,11 +197,9 @@ class _InitPipes(NamedTuple):
 def _run_init(parent: int, contained: bool, pipes: _InitPipes) -> None:
     """Init of the workload's namespace: start the workload, pass signals on, report its end."""
     try:
-        # Be killed with the agent. In a namespace of our own getppid() reads 0 whoever the parent
-        # is; an agent that died before this is noticed by the end of the command pipe.
-        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() not in (parent, 0):
-            os._exit(1)
+        # Killed with the agent. In a namespace of our own the parent reads as 0: an agent that
+        # died before this is noticed by the end of the command pipe.
+        linux.die_with_parent(parent)
         _close_fds_except(set(pipes))  # the agent's sockets above all: its exit must close them
         workload = 0
 
@@ -251,7 +246,7 @@ def _spawn(command: _Command, contained: bool, pipes: _InitPipes) -> int:
                 stdin=devnull,
                 stdout=pipes.stdout,
                 stderr=pipes.stderr,
-                preexec_fn=_die_with_init,  # safe: init has one thread
+                preexec_fn=linux.die_with_parent,  # safe: init has one thread
             )
         process.returncode = 0  # init's loop reaps it; Popen must not (nor warn that it did not)
         return process.pid
@@ -268,10 +263,6 @@ def _spawn(command: _Command, contained: bool, pipes: _InitPipes) -> int:
         setsigdef=IGNORED_BY_PYTHON,
         setsigmask=(),
     )
-
-
-def _die_with_init() -> None:
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def _close_fds_except(keep: set[int]) -> None:

@@ -23,14 +23,13 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from nex import affinity
+from nex import affinity, linux
 
 NETNS_DIR = Path("/run/netns")
-CLONE_NEWNET = 0x40000000
 MS_BIND = 4096
 MNT_DETACH = 2
 
-_libc = ctypes.CDLL(None, use_errno=True)
+_libc = linux.libc
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,7 @@ def create(net: MachineNetwork) -> None:
     NETNS_DIR.mkdir(parents=True, exist_ok=True)
     host_ns = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
-        _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+        _check(_libc.unshare(linux.CLONE_NEWNET), "unshare(CLONE_NEWNET)")
         try:
             fd = os.open(net.netns_path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o444)
             os.close(fd)
@@ -76,7 +75,7 @@ def create(net: MachineNetwork) -> None:
                 inside.set_up(net.guest_link)
                 inside.add_route("0.0.0.0", 0, gateway=net.gateway)
         finally:
-            _check(_libc.setns(host_ns, CLONE_NEWNET), "return to the host netns")
+            _check(_libc.setns(host_ns, linux.CLONE_NEWNET), "return to the host netns")
     finally:
         os.close(host_ns)
     with Rtnl() as host:
@@ -124,7 +123,7 @@ def enter(netns_path: Path) -> None:
     """Move the calling thread (or the process, if single-threaded) into a namespace (blocking)."""
     fd = os.open(netns_path, os.O_RDONLY)
     try:
-        _check(_libc.setns(fd, CLONE_NEWNET), f"setns({netns_path})")
+        _check(_libc.setns(fd, linux.CLONE_NEWNET), f"setns({netns_path})")
     finally:
         os.close(fd)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import array
 import contextlib
-import ctypes
 import os
 import select
 import signal
@@ -29,8 +28,7 @@ import traceback
 
 import msgspec
 
-CLONE_NEWNET = 0x40000000
-PR_SET_PDEATHSIG = 1
+from nex import linux
 
 
 class Spawn(msgspec.Struct, tag=True):
@@ -73,7 +71,6 @@ def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
     from nex.agent import main as agent  # the point of the zygote: imported once, shared by every child
 
-    libc = ctypes.CDLL(None, use_errno=True)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
@@ -97,7 +94,7 @@ def main() -> None:
                 sock.send(_encoder.encode(SpawnFailed(id=request.id, error=f"fork failed: {exc}")))
                 continue
             if pid == 0:
-                _child(request, libc, me, agent.run_from_env, (sock, wake_r, wake_w))
+                _child(request, me, agent.run_from_env, (sock, wake_r, wake_w))
             pidfd = os.pidfd_open(pid)
             try:
                 sock.sendmsg(
@@ -119,9 +116,7 @@ def _reap(sock: socket.socket) -> None:
         sock.send(_encoder.encode(Exited(pid=pid, code=os.waitstatus_to_exitcode(status))))
 
 
-def _child(
-    request: Spawn, libc: ctypes.CDLL, zygote: int, run: object, inherited: tuple[socket.socket, int, int]
-) -> None:
+def _child(request: Spawn, zygote: int, run: object, inherited: tuple[socket.socket, int, int]) -> None:
     """In the forked child: become the machine's agent. Never returns."""
     code = 1
     try:
@@ -131,14 +126,11 @@ def _child(
         inherited[0].close()
         os.close(inherited[1])
         os.close(inherited[2])
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != zygote:
-            os._exit(1)
+        linux.die_with_parent(zygote)
         os.setpgid(0, 0)
         if request.netns:
             fd = os.open(request.netns, os.O_RDONLY)
-            if libc.setns(fd, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), f"setns({request.netns}) failed")
+            linux.setns(fd, linux.CLONE_NEWNET, f"setns({request.netns})")
             os.close(fd)
         null = os.open(os.devnull, os.O_RDONLY)
         out = os.open(request.stdout, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
