@@ -48,11 +48,6 @@ def log(namespace: str, node: str, workload: str, vmid: str) -> str:
     return f"{LOGS_PREFIX}.{namespace}.{node}.{workload}.{vmid}"
 
 
-def node_subscriptions(node: str) -> list[str]:
-    """What a node subscribes to on its control connection (reference §1.1)."""
-    return control_subscriptions(node) + workload_subscriptions(node)
-
-
 def control_subscriptions(node: str) -> list[str]:
     """The node's own questions: ping, info, lame duck (answered by the control API)."""
     return [PING, ping(node), info("*", node), lameduck(node)]

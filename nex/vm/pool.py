@@ -83,10 +83,6 @@ class Taken(msgspec.Struct):
 PoolMsg = MachineGone | Take | Settled
 
 
-class NoMachine(Exception):
-    """No ready machine in time."""
-
-
 class PoolEntry(msgspec.Struct):
     vmid: str
     state: str
