@@ -9,6 +9,15 @@ class ActorError(Exception):
     """Base class of every error the actor runtime raises on purpose."""
 
 
+class Shutdown(Exception):
+    """An actor ending on a condition it understands (OTP's ``{shutdown, Reason}``), not a bug.
+
+    Raise a subclass with a message that says what happened. For restarts it is a crash like any
+    other (a transient child is restarted); its supervisor logs it in one line, without the
+    traceback a crash report carries.
+    """
+
+
 class ActorStopped(ActorError):
     """The actor is gone for good: its mailbox is closed.
 

@@ -40,7 +40,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import msgspec
 import trio
 
-from .errors import ActorError, DuplicateChild, StartFailed, SupervisorNotRunning, TooManyRestarts
+from .errors import ActorError, DuplicateChild, Shutdown, StartFailed, SupervisorNotRunning, TooManyRestarts
 from .intensity import RestartIntensity
 from .spec import ChildSpec, Restart, Strategy
 from .tree import ChildState, TreeNode
@@ -266,7 +266,9 @@ class SupervisorBase:
         if exit_.generation != child.generation or child.terminating or child not in self._children:
             return  # stopped on purpose, or a stale report of an earlier run
         error = exit_.error
-        if error is not None:
+        if isinstance(error, Shutdown):
+            log.warning("%s: child %s ended: %s", self.name, child.spec.id, error)
+        elif error is not None:
             log.error("%s: child %s crashed: %r", self.name, child.spec.id, error, exc_info=error)
         restart = child.spec.restart is Restart.PERMANENT or (
             child.spec.restart is Restart.TRANSIENT and error is not None

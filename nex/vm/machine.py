@@ -23,7 +23,7 @@ from pathlib import Path
 import msgspec
 import trio
 
-from actors import Actor, ActorRef, Journal, Mailbox, Message, Registry, Reply
+from actors import Actor, ActorRef, Journal, Mailbox, Message, Registry, Reply, Shutdown
 from nex import logs
 from nex.api import agent as agent_api
 from nex.bus.credentials import AgentCredentials
@@ -42,15 +42,15 @@ ANSWER_GRACE = 1.0  # for a deploy's answer sent just before the agent exited
 PING_MISSES = 3  # unanswered pings in a row before the agent counts as lost
 
 
-class HandshakeTimeout(Exception):
+class HandshakeTimeout(Shutdown):
     """The agent did not say hello in time; the message carries the end of its output."""
 
 
-class AgentExited(Exception):
+class AgentExited(Shutdown):
     """The machine's agent process exited."""
 
 
-class AgentLost(Exception):
+class AgentLost(Shutdown):
     """The machine's agent no longer answers its pings (nex: "Lost contact with agent")."""
 
 

@@ -18,6 +18,7 @@ from actors import (
     DuplicateChild,
     DynamicSupervisor,
     Restart,
+    Shutdown,
     StartFailed,
     Strategy,
     Supervisor,
@@ -419,3 +420,40 @@ async def test_tree_shows_states_and_restarts(autojump_clock: MockClock) -> None
         assert {n.state for n in tree.walk()} == {ChildState.RUNNING.value}
         nursery.cancel_scope.cancel()
     assert root.tree().state == "stopped"
+
+
+async def test_a_shutdown_is_logged_in_one_line_and_still_restarts_like_a_crash(
+    autojump_clock: MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    class AgentGone(Shutdown):
+        pass
+
+    ends: list[Exception] = [AgentGone("its agent exited"), RuntimeError("a bug")]
+    started = trio.Event()
+    runs = 0
+
+    async def child(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        nonlocal runs, started
+        runs += 1
+        task_status.started()
+        started.set()
+        if runs <= len(ends):
+            await trio.sleep(1)
+            raise ends[runs - 1]
+        await trio.sleep_forever()
+
+    sup = Supervisor("s", [ChildSpec(id="m", start=child, restart=Restart.TRANSIENT)])
+    caplog.set_level("INFO", logger="actors.supervisor")
+    async with trio.open_nursery() as nursery:
+        await start_tree(nursery, sup)
+        while runs < 3:
+            started = trio.Event()
+            await started.wait()
+        nursery.cancel_scope.cancel()
+    ended = [
+        (r.levelname, r.getMessage(), r.exc_info is not None) for r in caplog.records if "child m" in r.getMessage()
+    ]
+    assert ended == [
+        ("WARNING", "s: child m ended: its agent exited", False),  # restarted all the same (transient)
+        ("ERROR", "s: child m crashed: RuntimeError('a bug')", True),
+    ]

@@ -123,7 +123,7 @@ def test_a_hung_agent_is_found_by_its_pings_and_its_machine_replaced(
     info = wait_for_pool(node, bus, replaced, what="replacement of the machine whose agent hung")
     assert healthy in {m.id for m in info.pool}, "an agent that answers is never dropped"
     assert f"lost contact with the agent of machine {victim}: 3 pings unanswered" in node.log()
-    node.wait_log(f"machines: child {victim} crashed")  # logged once its teardown is done
+    node.wait_log(f"machines: child {victim} ended: lost contact")  # logged once its teardown is done
     assert wait_gone([agent], timeout=0) == [], "the hung agent is killed with its machine"
     assert_machine_gone(victim)
     assert node.stop() == 0
