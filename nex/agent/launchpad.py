@@ -123,7 +123,6 @@ class Launchpad:
         self.used = True
         os.write(self._command_w, msgspec.msgpack.encode(_Command(path, argv, env, cwd)))
         os.close(self._command_w)
-        self._command_w = -1
         failure = await _read_to_end(self._status_r)
         if failure:
             self._reap_failed()
