@@ -1,7 +1,9 @@
 """Deploy latency: from sending ``$NEX.DEPLOY`` to receiving ``workload_started``, on a warm pool.
 
 The workload is a 1 MiB static binary (built here with ``gcc -static``, padded to 1 MiB) that runs
-until it is stopped. Two series of DEPLOYS rounds:
+until it is stopped. Two nodes run side by side on the same server, one with the jail (the default)
+and one without (``--no-sandbox``), and every round deploys to each in turn, so that the jail's cost
+is measured against the same deploy without it, under the same load. Two series of DEPLOYS rounds:
 
 - new artifact: before each round (outside the timing) a different artifact is uploaded (8 bytes
   appended to the binary, which an ELF loader ignores), so the node downloads and checks every one;
@@ -20,8 +22,8 @@ Beside them, in the same run, the limits of the steps the node cannot avoid: one
 round trip, reading the 1 MiB object from an object store and writing it to another, its sha256,
 and fork+exec of a static binary.
 
-Prints a table and writes ``bench/results/deploy_latency.json``. Target on 2 cores: workload_started
-p50 ≤ 25 ms. Run as root for namespaces.
+Prints a table and writes ``bench/results/deploy_latency.json``. Targets on 2 cores: workload_started
+p50 ≤ 25 ms, and the jail adds at most 3 ms to it. Run as root for namespaces, cgroups and the fence.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ from nex.workload import request as workload_request
 DEPLOYS = int(os.environ.get("BENCH_DEPLOYS", "30"))
 POOL = 4
 SIZE = 1 << 20
-TARGETS = {"started_p50_ms": 25.0}
+TARGETS = {"started_p50_ms": 25.0, "jail_cost_p50_ms": 3.0}
+MODES = {"jail": (), "no_sandbox": ("--no-sandbox",)}
 WORKLOAD = """
 #include <signal.h>
 #include <unistd.h>
@@ -80,12 +83,13 @@ async def wait_pool_full(client: NexClient, node_id: str) -> None:
         await asyncio.sleep(0.01)  # polling the node's own answer; nothing here is timed
 
 
-async def deploys(url: str, data: bytes, *, fresh: bool) -> dict[str, list[float]]:
-    """DEPLOYS rounds; ``fresh``: a different artifact each time, else the same one."""
+async def deploys(url: str, data: bytes, node_ids: dict[str, str], *, fresh: bool) -> dict[str, dict[str, list[float]]]:
+    """DEPLOYS rounds, each deploying to every node in turn; ``fresh``: a different artifact each
+    time, else the same one. Samples by node (its key in ``node_ids``)."""
     nc = await nats.connect(url)
     client = NexClient(nc, timeout=10, namespace="default")
     keys = RequesterKeys(create_signing_key(PREFIX_ACCOUNT), XKey.generate())
-    node = await client.find(None)
+    nodes = {mode: await client.find(node_id) for mode, node_id in node_ids.items()}
     artifact = await client.upload(data, "bench")
     started: dict[str, float] = {}
     events: dict[tuple[str, str], asyncio.Event] = {}
@@ -102,8 +106,8 @@ async def deploys(url: str, data: bytes, *, fresh: bool) -> dict[str, list[float
 
     await nc.subscribe("$NEX.events.default.*", cb=on_event)
     await nc.flush()
-    samples: dict[str, list[float]] = {"reply": [], "started": []}
-    for round_ in range(DEPLOYS):
+    samples = {mode: {"reply": [], "started": []} for mode in nodes}
+    for round_, (mode, node) in enumerate((m, n) for _ in range(DEPLOYS) for m, n in nodes.items()):
         await wait_pool_full(client, node.node_id)
         if fresh:
             artifact = await client.upload(data + round_.to_bytes(8, "little"), "bench")
@@ -117,8 +121,8 @@ async def deploys(url: str, data: bytes, *, fresh: bool) -> dict[str, list[float
         response = await client.deploy(node, body)
         replied = time.perf_counter()
         await asyncio.wait_for(event("workload_started", response.id).wait(), 30)
-        samples["reply"].append(replied - sent)
-        samples["started"].append(started[response.id] - sent)
+        samples[mode]["reply"].append(replied - sent)
+        samples[mode]["started"].append(started[response.id] - sent)
         stop = workload_request.stop_request(response.id, "bench", node.node_id, keys.issuer, issued_at=now)
         await nc.request(f"$NEX.STOP.default.{node.node_id}", stop, timeout=30)
         await asyncio.wait_for(event("workload_stopped", response.id).wait(), 30)
@@ -150,6 +154,15 @@ async def store_limits(url: str, data: bytes, n: int = 20) -> dict[str, list[flo
     return {"request": request, "get": get, "put": put}
 
 
+def node_id(node: NodeProcess) -> str:
+    """The node's id, from its "Node is ready" line (once it is ready)."""
+    node.wait_line("Node is ready")
+    for _, line in reversed(node.log):
+        if "Node is ready" in line:
+            return line.split("node=", 1)[1].split()[0]
+    raise RuntimeError("no node id in the node's log")
+
+
 def summary(samples: dict[str, list[float]]) -> dict[str, float]:
     return {
         "reply_p50_ms": percentile(samples["reply"], 0.5) * 1000,
@@ -177,16 +190,20 @@ def main() -> None:
         binary = one_mib_workload(work)
         data = binary.read_bytes()
         with echo_server(store=work / "js") as (url, _):
-            node = NodeProcess(work / "node", url, "--pool-size", str(POOL))
+            nodes = {
+                mode: NodeProcess(work / mode, url, "--pool-size", str(POOL), *flags) for mode, flags in MODES.items()
+            }
             try:
-                node.wait_line("Node is ready")
-                fresh = asyncio.run(deploys(url, data, fresh=True))
-                same = asyncio.run(deploys(url, data, fresh=False))
+                ids = {mode: node_id(node) for mode, node in nodes.items()}
+                fresh = asyncio.run(deploys(url, data, ids, fresh=True))
+                same = asyncio.run(deploys(url, data, ids, fresh=False))
             except Exception:
-                console.print(node.tail(), markup=False, highlight=False)
+                for node in nodes.values():
+                    console.print(node.tail(), markup=False, highlight=False)
                 raise
             finally:
-                node.stop()
+                for node in nodes.values():
+                    node.stop()
             stores = asyncio.run(store_limits(url, data))
         returns = static_binary(work, RETURNS, "returns")
         assert returns is not None
@@ -204,9 +221,13 @@ def main() -> None:
         "deploys": DEPLOYS,
         "pool_size": POOL,
         "targets": TARGETS,
-        "new_artifact": summary(fresh),
-        "same_artifact": summary(same),
+        "new_artifact": {mode: summary(series) for mode, series in fresh.items()},
+        "same_artifact": {mode: summary(series) for mode, series in same.items()},
         "limits": limits,
+    }
+    results["jail_cost_p50_ms"] = {
+        key: results[key]["jail"]["started_p50_ms"] - results[key]["no_sandbox"]["started_p50_ms"]  # type: ignore[index]
+        for key in ("new_artifact", "same_artifact")
     }
     report(console, results)
     out.write_text(json.dumps(results, indent=2))
@@ -224,12 +245,14 @@ def report(console: Console, results: dict[str, object]) -> None:
     table.add_column("p50 (ms)", justify="right")
     table.add_column("p95 (ms)", justify="right")
     for key, label in (("new_artifact", "new artifact"), ("same_artifact", "same artifact, cached")):
-        row = results[key]
-        assert isinstance(row, dict)
-        table.add_row(f"{label}: DEPLOY → run response", f"{row['reply_p50_ms']:.1f}", f"{row['reply_p95_ms']:.1f}")
-        table.add_row(
-            f"{label}: DEPLOY → workload_started", f"{row['started_p50_ms']:.1f}", f"{row['started_p95_ms']:.1f}"
-        )
+        rows = results[key]
+        assert isinstance(rows, dict)
+        for mode, row in rows.items():
+            name = f"{label}, {mode}"
+            table.add_row(f"{name}: DEPLOY → run response", f"{row['reply_p50_ms']:.1f}", f"{row['reply_p95_ms']:.1f}")
+            table.add_row(
+                f"{name}: DEPLOY → workload_started", f"{row['started_p50_ms']:.1f}", f"{row['started_p95_ms']:.1f}"
+            )
     labels = {
         "nats_request_p50_ms": "limit: one NATS request round trip",
         "object_get_1mib_p50_ms": "limit: read 1 MiB from an object store",
@@ -242,15 +265,20 @@ def report(console: Console, results: dict[str, object]) -> None:
     for name, value in limits.items():
         table.add_row(labels[name], f"{value:.2f}", "")
     console.print(table)
-    target = TARGETS["started_p50_ms"]
+    target, budget = TARGETS["started_p50_ms"], TARGETS["jail_cost_p50_ms"]
+    costs = results["jail_cost_p50_ms"]
+    assert isinstance(costs, dict)
     for key, label in (("new_artifact", "new artifact"), ("same_artifact", "same artifact")):
-        row = results[key]
-        assert isinstance(row, dict)
-        value = row["started_p50_ms"]
+        rows = results[key]
+        assert isinstance(rows, dict)
+        value = rows["jail"]["started_p50_ms"]
         verdict = "meets" if value <= target else "MISSES"
         console.print(
-            f"{label}: DEPLOY → workload_started p50 {value:.1f} ms — {verdict} the target of ≤ {target:g} ms"
+            f"{label}: DEPLOY → workload_started p50 {value:.1f} ms jailed — {verdict} the target of ≤ {target:g} ms"
         )
+        cost = costs[key]
+        verdict = "meets" if cost <= budget else "MISSES"
+        console.print(f"{label}: the jail adds {cost:+.1f} ms to the p50 — {verdict} the budget of ≤ {budget:g} ms")
 
 
 if __name__ == "__main__":

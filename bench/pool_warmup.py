@@ -1,6 +1,8 @@
 """Warm-up of the pool: how soon ``nex up`` has N handshaken machines, and how fast one is replaced.
 
-For pool sizes 1, 8 and 32 (each started REPEATS times; the median is reported):
+For pool sizes 1, 8 and 32, each with the jail (the default) and without it (``--no-sandbox``),
+started REPEATS times in turn (the median is reported), so that the jail's cost (a cgroup per
+machine, which its agent joins) is measured beside the same pool without it, in the same run:
 
 - ready: from starting ``nex up`` to its "Node is ready" line (the node publishes ``node_started``
   once every pool member has handshaken), as an operator would time it;
@@ -14,12 +16,14 @@ Beside them, in the same run, the physical limits: fork+exec of a static binary 
 ``gcc -static``), ``python -c pass``, and one NATS connect plus request from a new asyncio client.
 
 Prints a table and writes ``bench/results/pool_warmup.json``. Targets on 2 cores: pool of 32 ready
-≤ 1.0 s, replacement p50 ≤ 30 ms, node RSS with 32 machines ≤ 120 MiB. Run as root for namespaces.
+≤ 1.0 s (jailed), replacement p50 ≤ 30 ms, node RSS with 32 machines ≤ 120 MiB. Run as root for
+namespaces, cgroups and the fence.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import re
@@ -39,6 +43,7 @@ from rich.table import Table
 from nex.net import netns
 
 SIZES = (1, 8, 32)
+MODES = {"jail": (), "no_sandbox": ("--no-sandbox",)}
 REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
 REPLACEMENTS = int(os.environ.get("BENCH_REPLACEMENTS", "15"))
 TARGETS = {"ready_32_s": 1.0, "replacement_p50_ms": 30.0, "node_rss_32_mib": 120.0}
@@ -121,24 +126,26 @@ def main() -> None:
         with echo_server() as (url, _):
             sizes: dict[str, object] = {}
             for size in SIZES:
-                ready, warmups, rss, pss = [], [], [], []
+                runs: dict[str, dict[str, list[float]]] = {mode: collections.defaultdict(list) for mode in MODES}
                 for _ in range(REPEATS):
-                    node = Node(work / f"node-{size}", url, "--pool-size", str(size))
-                    try:
-                        ready.append(node.wait_line("Node is ready") - node.started)
-                        warmups += node.warmups()
-                        rss.append(node.rss_mib())
-                        pss.append(node.helpers_pss_mib())
-                    finally:
-                        node.stop()
-                sizes[str(size)] = {
-                    "ready_s": statistics.median(ready),
-                    "ready_runs_s": ready,
-                    "warmup_p50_ms": percentile(warmups, 0.5),
-                    "warmup_p95_ms": percentile(warmups, 0.95),
-                    "node_rss_mib": statistics.median(rss),
-                    "zygote_and_agents_pss_mib": statistics.median(pss),
-                }
+                    for mode, flags in MODES.items():  # in turn: drift on a shared machine hits both
+                        node = Node(work / f"node-{size}-{mode}", url, "--pool-size", str(size), *flags)
+                        try:
+                            runs[mode]["ready"].append(node.wait_line("Node is ready") - node.started)
+                            runs[mode]["warmups"] += node.warmups()
+                            runs[mode]["rss"].append(node.rss_mib())
+                            runs[mode]["pss"].append(node.helpers_pss_mib())
+                        finally:
+                            node.stop()
+                for mode, run in runs.items():
+                    sizes[f"{size} {mode}"] = {
+                        "ready_s": statistics.median(run["ready"]),
+                        "ready_runs_s": run["ready"],
+                        "warmup_p50_ms": percentile(run["warmups"], 0.5),
+                        "warmup_p95_ms": percentile(run["warmups"], 0.95),
+                        "node_rss_mib": statistics.median(run["rss"]),
+                        "zygote_and_agents_pss_mib": statistics.median(run["pss"]),
+                    }
             results["pools"] = sizes
             node = Node(work / "node-replacement", url, "--pool-size", "8")
             replacements = []
@@ -209,10 +216,12 @@ def report(console: Console, results: dict[str, object]) -> None:
     for name, value in limits.items():
         other.add_row(labels[name], f"{value:.2f}", "")
     console.print(other)
+    jailed, bare = pools["32 jail"]["ready_s"], pools["32 no_sandbox"]["ready_s"]
+    console.print(f"the jail's cost, pool of 32: {jailed:.3f} s against {bare:.3f} s without ({jailed / bare:.2f}×)")
     checks = [
-        ("pool of 32 ready", pools["32"]["ready_s"], TARGETS["ready_32_s"], "s"),
+        ("pool of 32 ready (jailed)", jailed, TARGETS["ready_32_s"], "s"),
         ("replacement p50", replacement["p50_ms"], TARGETS["replacement_p50_ms"], "ms"),
-        ("node RSS with 32 machines", pools["32"]["node_rss_mib"], TARGETS["node_rss_32_mib"], "MiB"),
+        ("node RSS with 32 machines", pools["32 jail"]["node_rss_mib"], TARGETS["node_rss_32_mib"], "MiB"),
     ]
     for name, value, target, unit in checks:
         verdict = "meets" if value <= target else "MISSES"

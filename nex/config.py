@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +25,11 @@ from . import crypto
 
 Driver = Literal["process"]
 KNOWN_WORKLOAD_TYPES = ("native", "elf")
+UID_BASE = 0x7000_0000
+"""Host uids of machines start here: far above any login or system user, and above the ranges that
+systemd-nspawn and rootless containers hand out."""
+RESERVED_TARGETS = ("/", "/app", "/dev", "/etc/hosts", "/etc/passwd", "/etc/group", "/etc/resolv.conf")
+RESERVED_TARGETS += ("/proc", "/tmp", "/work")
 
 #: documented key -> the key nex's code reads (and this node stores)
 ALIASES = {"kernel_path": "kernel_filepath", "rootfs_path": "rootfs_filepath"}
@@ -50,9 +56,47 @@ class CniConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     bin_path: list[str] = []
 
 
-class MachineTemplate(msgspec.Struct, kw_only=True):
+class MachineTemplate(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A machine's size. nex's keys (vcpus, memory) and this node's: what a process machine's cgroup
+    and jail also bound."""
+
     vcpu_count: int = 1
-    memsize_mib: int = 256
+    memsize_mib: int = 256  # the whole machine: agent, workload and its files in memory
+    pids_max: int = 1024  # processes and threads
+    disk_mib: int = 64  # the workload's writable area (/tmp, /work, /dev/shm): full means ENOSPC
+    nofile: int = 1024  # open files per process
+    cpuset: str = ""  # CPUs the machine may run on ("0-1", "2"); "" = any
+
+
+class BindMount(msgspec.Struct, kw_only=True):
+    """A host path workloads may read: bound read-only at ``target`` (default: the same path)."""
+
+    source: str
+    target: str = ""
+
+
+class Opening(msgspec.Struct, kw_only=True):
+    """A destination machines may reach besides the internal NATS server (port 0: any)."""
+
+    cidr: str
+    port: int = 0
+    protocol: Literal["tcp", "udp", "any"] = "tcp"
+
+
+class SandboxConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """How each workload is jailed. Every protection is on by default and can be turned off on its
+    own; ``no_sandbox`` (nex's key) turns them all off. See docs/security.md."""
+
+    user_namespace: bool = True  # where the kernel allows it (else a plain unprivileged uid)
+    seccomp: bool = True
+    cgroups: bool = True
+    fence: bool = True
+    uid_base: int = UID_BASE  # machine N of the subnet runs as host uid uid_base + N
+    mounts: list[BindMount] = []
+    allow: list[Opening] = []  # openings in the fence
+    masquerade: bool = False  # NAT for openings beyond the host (the outside world)
+    cgroup_parent: str = ""  # relative to each cgroup hierarchy's root
+    nameservers: list[str] = []  # the workload's /etc/resolv.conf
 
 
 class NodeLimits(msgspec.Struct, kw_only=True):
@@ -109,6 +153,7 @@ class NodeConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     artifact_cache_bytes: int = 64 << 20  # verified artifacts kept for deploys of the same hash; 0: none
     bus_thread_affinity: Literal["colocate", "none"] = "colocate"
     agent_launcher: Literal["zygote", "spawn"] = "zygote"
+    sandbox: SandboxConfig = msgspec.field(default_factory=SandboxConfig)
 
     def subnet(self) -> ipaddress.IPv4Network:
         return ipaddress.IPv4Network(self.cni.subnet)
@@ -134,8 +179,11 @@ class LoadedConfig(msgspec.Struct, frozen=True):
     source: str
 
 
-def load(path: Path | None, overrides: dict[str, Any] | None = None) -> LoadedConfig:
-    """Read ``path`` (or start from the defaults), apply flag ``overrides`` (dotted keys), validate.
+def load(
+    path: Path | None, overrides: dict[str, Any] | None = None, *, openings: list[dict[str, Any]] | None = None
+) -> LoadedConfig:
+    """Read ``path`` (or start from the defaults), apply flag ``overrides`` (dotted keys) and add the
+    fence ``openings`` given as flags to the file's, validate.
 
     Raises:
         ConfigError: the file is missing, not JSON, or any value breaks a rule.
@@ -160,6 +208,10 @@ def load(path: Path | None, overrides: dict[str, Any] | None = None) -> LoadedCo
     data = _fold_aliases(data, problems)
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)
+    if openings:
+        sandbox = data.setdefault("sandbox", {})
+        if isinstance(sandbox, dict):
+            sandbox["allow"] = [*(sandbox.get("allow") or []), *openings]
     warnings = [f"unknown key {p} (ignored; check its spelling)" for p in _unknown_keys(data, NodeConfig, "$")]
     warnings += [
         f"{key} is accepted for compatibility with nex but not applied by this node"
@@ -190,7 +242,10 @@ def validate(config: NodeConfig) -> list[str]:
 
     at_least(config.machine_pool_size, 1, "$.machine_pool_size")
     at_least(config.machine_template.vcpu_count, 1, "$.machine_template.vcpu_count")
-    at_least(config.machine_template.memsize_mib, 1, "$.machine_template.memsize_mib")
+    at_least(config.machine_template.memsize_mib, 16, "$.machine_template.memsize_mib")
+    at_least(config.machine_template.pids_max, 8, "$.machine_template.pids_max")
+    at_least(config.machine_template.disk_mib, 1, "$.machine_template.disk_mib")
+    at_least(config.machine_template.nofile, 16, "$.machine_template.nofile")
     at_least(config.agent_handshake_timeout_ms, 1, "$.agent_handshake_timeout_ms")
     at_least(config.agent_ping_timeout_ms, 1, "$.agent_ping_timeout_ms")
     at_least(config.heartbeat_interval_ms, 100, "$.heartbeat_interval_ms")
@@ -234,7 +289,54 @@ def validate(config: NodeConfig) -> list[str]:
             problems.append(f"tag {name} is set by the node itself; remove it at $.tags.{name}")
     if not config.cni.network_name or "/" in config.cni.network_name:
         problems.append("cni.network_name must be a plain name (it names a directory) at $.cni.network_name")
+    problems += _validate_sandbox(config, subnet)
     return problems
+
+
+def _validate_sandbox(config: NodeConfig, subnet: ipaddress.IPv4Network | None) -> list[str]:
+    problems: list[str] = []
+    sandbox = config.sandbox
+    cpuset = config.machine_template.cpuset
+    if cpuset and not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", cpuset):
+        problems.append("machine_template.cpuset must be a CPU list such as 0-1 or 0,2 at $.machine_template.cpuset")
+    hosts = subnet.num_addresses if subnet is not None else 0
+    if not 1000 <= sandbox.uid_base <= 0xFFFF_FFFE - hosts:
+        problems.append(
+            f"sandbox.uid_base must leave room for {hosts} machines between 1000 and 4294967294 "
+            "(and name no real user) at $.sandbox.uid_base"
+        )
+    for i, bind in enumerate(sandbox.mounts):
+        path = f"$.sandbox.mounts[{i}]"
+        target = bind.target or bind.source
+        if not os.path.isabs(bind.source):
+            problems.append(f"a mount's source must be an absolute host path at {path}.source")
+        if not os.path.isabs(target) or ".." in Path(target).parts:
+            problems.append(f"a mount's target must be an absolute path without '..' at {path}.target")
+        elif any(_overlaps(os.path.normpath(target), reserved) for reserved in RESERVED_TARGETS):
+            problems.append(f"{target} is part of the jail itself; mount somewhere else at {path}.target")
+    for i, opening in enumerate(sandbox.allow):
+        path = f"$.sandbox.allow[{i}]"
+        try:
+            ipaddress.ip_network(opening.cidr, strict=False)
+        except ValueError:
+            problems.append(f"an opening's cidr must be an IP network such as 192.168.127.1/32 at {path}.cidr")
+        if not 0 <= opening.port <= 65535:
+            problems.append(f"an opening's port must be between 0 (any) and 65535 at {path}.port")
+    if sandbox.cgroup_parent and ".." in Path(sandbox.cgroup_parent).parts:
+        problems.append("sandbox.cgroup_parent must not contain '..' at $.sandbox.cgroup_parent")
+    for i, server in enumerate(sandbox.nameservers):
+        try:
+            ipaddress.ip_address(server)
+        except ValueError:
+            problems.append(f"a nameserver must be an IP address at $.sandbox.nameservers[{i}]")
+    return problems
+
+
+def _overlaps(target: str, reserved: str) -> bool:
+    """Whether a bind at ``target`` would cover, or sit inside, what the jail makes at ``reserved``."""
+    if reserved == "/":
+        return target == "/"
+    return target == reserved or target.startswith(reserved + "/") or reserved.startswith(target + "/")
 
 
 def default_state_dir() -> Path:

@@ -1,4 +1,4 @@
-"""Starting the workload quickly, and ending everything it started with it.
+"""Starting the workload quickly, jailed, and ending everything it started with it.
 
 A workload must die with its agent, and so must every process it starts (a daemon that double-forks
 into a session of its own included): otherwise it outlives its machine, and holds the workload's
@@ -9,18 +9,22 @@ children go back to the agent's namespace.)
 
 The launchpad forks init ahead of the deploy, while the agent is single-threaded (the runner makes
 it as the artifact arrives), because a fork of the agent costs 2-5 ms here. Init dies with the agent
-(``PR_SET_PDEATHSIG``) and blocks reading a command pipe. To run the workload the agent writes what
-to run; init starts it with ``posix_spawn`` (vfork and exec: about 0.2 ms, against 1-2 ms for
-``subprocess.Popen`` or for a Python child forked ahead that execs from its copy of the agent), as
-pid 2: pid 1's signal rules do not apply to the workload, so SIGTERM ends it as anywhere. An exec failure comes back on
-the status pipe (end of file: it runs). Init then forwards the agent's polite signals (SIGTERM,
-SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2) to the workload, reaps orphans, and when the workload ends
-writes its wait status to the exit pipe and exits. A SIGKILL to init ends the whole namespace.
+(``PR_SET_PDEATHSIG``) and first builds the workload's jail (:mod:`nex.sandbox.jail`: namespaces, a
+root of its own, no capabilities, seccomp), so that by the deploy only the artifact is missing. Then it
+blocks reading a command pipe. To run the workload the agent writes the artifact, argv and
+environment; init writes the artifact into the jail (through a descriptor it opened while building it,
+``O_EXCL | O_NOFOLLOW``) and starts it with ``posix_spawn`` (vfork and exec: about 0.2 ms) as pid 2:
+pid 1's signal rules do not apply to the workload, so SIGTERM ends it as anywhere. A failure (the
+jail, the exec) comes back on the status pipe, and the deploy is refused with it; end of file means
+it runs. Init then forwards the agent's polite signals (SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1,
+SIGUSR2) to the workload, reaps orphans, and when the workload ends writes its wait status to the
+exit pipe and exits. A SIGKILL to init ends the whole namespace.
 
-Without the right to make a PID namespace (an agent not running as root) init runs in the agent's
-namespace, the workload gets a death signal of its own (a full fork then), and what it starts is not
-contained; :attr:`Launchpad.contained` says which. The workload's exit is watched through a pidfd on
-init, its output through asyncio pipe readers.
+Without a jail (``no_sandbox``) the artifact is written into the agent's working directory, also
+with ``O_EXCL | O_NOFOLLOW``. Without the right to make a PID namespace (an agent not running as
+root) init runs in the agent's namespace, the workload gets a death signal of its own (a full fork
+then), and what it starts is not contained; :attr:`Launchpad.contained` says which. The workload's
+exit is watched through a pidfd on init, its output through asyncio pipe readers.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ from typing import NamedTuple
 import msgspec
 
 from nex import linux
+from nex.api import agent as api
+from nex.sandbox import jail as jails
+from nex.sandbox import seccomp
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 """What init passes on to the workload; SIGKILL needs no passing on (it ends the whole namespace)."""
@@ -44,10 +51,9 @@ IGNORED_BY_PYTHON = (signal.SIGPIPE, signal.SIGXFSZ)
 
 
 class _Command(msgspec.Struct, array_like=True):
-    path: str
+    artifact: bytes
     argv: list[str]
     env: dict[str, str]
-    cwd: str
 
 
 class LaunchFailed(OSError):
@@ -94,9 +100,14 @@ class Workload:
 
 
 class Launchpad:
-    """A workload's init, waiting to start the workload. Make it while the agent has one thread."""
+    """A workload's init, jailed and waiting to start the workload. Make it while the agent has one
+    thread. ``jail`` None: no jail; ``workdir``: the agent's directory (the jail's root is built on it,
+    in init's own mount namespace; without a jail the artifact goes there)."""
 
-    def __init__(self) -> None:
+    def __init__(self, jail: api.Jail | None, workdir: str) -> None:
+        if jail is not None and jail.seccomp:
+            with contextlib.suppress(seccomp.SeccompUnavailable):  # init says so, at the deploy
+                seccomp.program()  # compiled here (once per process): init cannot import in its jail
         command_r, self._command_w = os.pipe2(os.O_CLOEXEC)
         self._status_r, status_w = os.pipe2(os.O_CLOEXEC)
         self._exit_r, exit_w = os.pipe2(os.O_CLOEXEC)
@@ -106,22 +117,28 @@ class Launchpad:
         with _children_in_a_new_pid_namespace() as self.contained:
             pid = os.fork()
             if pid == 0:  # init: never returns
-                _run_init(parent, self.contained, _InitPipes(command_r, status_w, exit_w, stdout_w, stderr_w))
+                pipes = _InitPipes(command_r, status_w, exit_w, stdout_w, stderr_w)
+                _run_init(parent, self.contained, pipes, jail, workdir)
         self.pid = pid
         for fd in (command_r, status_w, exit_w, stdout_w, stderr_w):
             os.close(fd)
         self.used = False
 
-    async def launch(self, path: str, argv: list[str], env: dict[str, str], cwd: str, *, limit: int) -> Workload:
-        """Have init start the workload; return once it runs.
+    async def launch(self, artifact: bytes, argv: list[str], env: dict[str, str], *, limit: int) -> Workload:
+        """Have init write ``artifact`` and start it with ``argv`` and ``env``; return once it runs.
 
         Raises:
-            LaunchFailed: it could not be executed (the reason is init's).
+            LaunchFailed: its jail could not be built, or it could not be executed (init's reason).
         """
         if self.used:
             raise LaunchFailed("this launchpad has launched already")
         self.used = True
-        os.write(self._command_w, msgspec.msgpack.encode(_Command(path, argv, env, cwd)))
+        command = memoryview(msgspec.msgpack.encode(_Command(artifact, argv, env)))
+        try:
+            while command:  # init reads as we write; a pipe takes 64 KiB at a time
+                command = command[os.write(self._command_w, command) :]
+        except BrokenPipeError:
+            pass  # init is gone: its status says why (or its end does)
         os.close(self._command_w)
         failure = await _read_to_end(self._status_r)
         if failure:
@@ -193,8 +210,8 @@ class _InitPipes(NamedTuple):
     stderr: int
 
 
-def _run_init(parent: int, contained: bool, pipes: _InitPipes) -> None:
-    """Init of the workload's namespace: start the workload, pass signals on, report its end."""
+def _run_init(parent: int, contained: bool, pipes: _InitPipes, jail: api.Jail | None, workdir: str) -> None:
+    """Init of the workload's namespace: jail, start the workload, pass signals on, report its end."""
     try:
         # Killed with the agent. In a namespace of our own the parent reads as 0: an agent that
         # died before this is noticed by the end of the command pipe.
@@ -211,13 +228,23 @@ def _run_init(parent: int, contained: bool, pipes: _InitPipes) -> None:
         for sig in FORWARDED:
             signal.signal(sig, forward)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())  # the workload inherits the mask
+        failure, built = "", None
+        if jail is not None:
+            try:
+                built = jails.build(jail, workdir)
+            except jails.JailError as exc:
+                failure = f"the workload's jail could not be built: {exc.strerror}"
         data = _read_all(pipes.command)
         if not data:
             os._exit(0)  # the agent let it go
         try:
-            workload = _spawn(msgspec.msgpack.decode(data, type=_Command), contained, pipes)
+            if failure:
+                raise OSError(failure)
+            command = msgspec.msgpack.decode(data, type=_Command)
+            path, cwd = _place_artifact(command.artifact, built, workdir)
+            workload = _spawn(path, command, cwd, contained, pipes)
         except OSError as exc:
-            os.write(pipes.status, f"cannot run the workload: {exc}".encode())
+            os.write(pipes.status, (str(exc) if failure else f"cannot run the workload: {exc}").encode())
             os._exit(0)
         for fd in (pipes.command, pipes.status, pipes.stdout, pipes.stderr):
             os.close(fd)  # end of file on the status pipe: it runs
@@ -232,16 +259,36 @@ def _run_init(parent: int, contained: bool, pipes: _InitPipes) -> None:
         os._exit(0)
 
 
-def _spawn(command: _Command, contained: bool, pipes: _InitPipes) -> int:
+def _place_artifact(artifact: bytes, built: jails.Built | None, workdir: str) -> tuple[str, str]:
+    """Write the artifact where it runs from; its path and the workload's working directory.
+
+    In a jail: through the descriptor the jail opened (nothing of the workload existed then to plant
+    a link). Without one: a new file in the agent's own directory, never following a link.
+    """
+    if built is not None:
+        fd, path, cwd = built.artifact_fd, jails.ARTIFACT, jails.WORKDIR
+    else:
+        path, cwd = os.path.join(workdir, "workload"), workdir
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o755)
+    try:
+        view = memoryview(artifact)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)  # before the exec: a file open for writing cannot be executed (ETXTBSY)
+    return path, cwd
+
+
+def _spawn(path: str, command: _Command, cwd: str, contained: bool, pipes: _InitPipes) -> int:
     """Start the workload: ``posix_spawn`` (vfork and exec, about 0.2 ms from init), or where it needs
     a death signal of its own, outside a namespace of ours, ``Popen`` with ``preexec_fn`` (a fork)."""
     if not contained:
         with open(os.devnull, "rb") as devnull:
             process = subprocess.Popen(
-                [command.path, *command.argv],
-                executable=command.path,
+                [path, *command.argv],
+                executable=path,
                 env=command.env,
-                cwd=command.cwd,
+                cwd=cwd,
                 stdin=devnull,
                 stdout=pipes.stdout,
                 stderr=pipes.stderr,
@@ -249,10 +296,10 @@ def _spawn(command: _Command, contained: bool, pipes: _InitPipes) -> int:
             )
         process.returncode = 0  # init's loop reaps it; Popen must not (nor warn that it did not)
         return process.pid
-    os.chdir(command.cwd)  # posix_spawn has no chdir of its own; init's directory does not matter
+    os.chdir(cwd)  # posix_spawn has no chdir of its own; init's directory does not matter
     return os.posix_spawn(
-        command.path,
-        [command.path, *command.argv],
+        path,
+        [path, *command.argv],
         command.env,
         file_actions=[
             (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),

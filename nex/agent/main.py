@@ -1,12 +1,15 @@
 """``nex-agent``: the program inside each machine.
 
-It learns its machine id and how to reach its node from its metadata (the environment, for the
-process driver), connects to the node's internal NATS server with its own credentials, says hello on
-``agentint.{vmid}.handshake``, and then answers ``ping`` and waits for a workload. It exits with 0 on
-``undeploy`` or SIGTERM, and on its own when its node is gone (the connection cannot be restored).
+It learns its machine id, how to reach its node, its credentials and its workload's jail from its
+metadata (:class:`~nex.api.agent.MachineMetadata`), which the node hands over privately: the zygote
+(:mod:`nex.vm.zygote`) passes it in memory to the child it forks, ``nex-agent --metadata-fd N``
+reads it from an inherited pipe. Never through the environment: it holds the agent's nkey seed.
 
-The zygote (:mod:`nex.vm.zygote`) imports this module once and forks a child per machine that calls
-:func:`run_from_env`; ``nex-agent`` (or ``python -m nex.agent``) does the same in a fresh process.
+It first makes itself unreachable to others of its uid (non-dumpable) and joins its machine's cgroup,
+so that all it starts is limited, then connects to the node's internal NATS server with its own
+credentials, says hello on ``agentint.{vmid}.handshake``, and then answers ``ping`` and waits for a
+workload. It exits with 0 on ``undeploy`` or SIGTERM, and on its own when its node is gone (the
+connection cannot be restored).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import datetime
 import os
 import signal
 import sys
+from pathlib import Path
 
 import msgspec
 import nats
@@ -24,7 +28,9 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from nex import linux
 from nex.api import agent as api
+from nex.sandbox import cgroups, seccomp
 
 from .runner import UNDEPLOY_GRACE, Runner
 
@@ -46,20 +52,43 @@ class MetadataError(Exception):
     """The agent's metadata is missing or malformed."""
 
 
-def metadata_from_env(env: os._Environ[str] | dict[str, str] = os.environ) -> api.MachineMetadata:
-    missing = [name for name in (api.ENV_VMID, api.ENV_HOST, api.ENV_PORT) if not env.get(name)]
-    if missing:
-        raise MetadataError(f"missing machine metadata in the environment: {', '.join(missing)}")
+def read_metadata(fd: int) -> api.MachineMetadata:
+    """The metadata written to ``fd`` (a pipe the node made), read to its end; the fd is closed."""
+    chunks = []
     try:
-        port = int(env[api.ENV_PORT])
-    except ValueError:
-        raise MetadataError(f"{api.ENV_PORT} must be a port number, not {env[api.ENV_PORT]!r}") from None
-    return api.MachineMetadata(
-        vmid=env[api.ENV_VMID],
-        node_nats_host=env[api.ENV_HOST],
-        node_nats_port=port,
-        node_nats_nkey=env.get(api.ENV_SEED, ""),
-    )
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    except OSError as exc:
+        raise MetadataError(f"cannot read the machine metadata from descriptor {fd}: {exc.strerror}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    try:
+        return msgspec.json.decode(b"".join(chunks), type=api.MachineMetadata)
+    except msgspec.DecodeError as exc:
+        raise MetadataError(f"malformed machine metadata: {exc}") from None
+
+
+def enter_machine(meta: api.MachineMetadata) -> None:
+    """What the agent does before anything else: hide its memory, join its cgroup, prepare the jail.
+
+    Raises:
+        MetadataError: the machine's cgroup cannot be joined (its workload would not be limited).
+    """
+    linux.set_dumpable(False)
+    jail = meta.jail
+    if jail is None:
+        return
+    if jail.cgroup:
+        try:
+            cgroups.join(jail.cgroup)
+        except OSError as exc:
+            raise MetadataError(f"cannot join the machine's cgroup {jail.cgroup[0]}: {exc}") from None
+        with contextlib.suppress(OSError):  # the workload (1000) goes first when the machine is out of memory
+            Path("/proc/self/oom_score_adj").write_text("-900")
+    if jail.seccomp:
+        with contextlib.suppress(seccomp.SeccompUnavailable):  # the jail reports it, at the deploy
+            seccomp.program()  # compiled once here rather than in each init
 
 
 def log(message: str) -> None:
@@ -138,7 +167,7 @@ async def start(meta: api.MachineMetadata, stopped: asyncio.Event) -> Client | N
     # Connected: reconnects from now on are patient. nats-py reads these two per attempt.
     nc.options["max_reconnect_attempts"] = RECONNECT_ATTEMPTS
     nc.options["reconnect_time_wait"] = RECONNECT_WAIT
-    runner = Runner(nc, meta.vmid, stopped, log)
+    runner = Runner(nc, meta.vmid, stopped, log, jail=meta.jail, workdir=os.getcwd())
     RUNNERS[meta.vmid] = runner
     try:
 
@@ -181,23 +210,34 @@ def runner_grace() -> float:
     return UNDEPLOY_GRACE
 
 
-def run_from_env() -> int:
-    """Read the metadata from the environment and serve; the process's exit code."""
+def run_with(meta: api.MachineMetadata) -> int:
+    """Enter the machine and serve as its agent; the process's exit code."""
     try:
-        meta = metadata_from_env()
+        enter_machine(meta)
     except MetadataError as exc:
         log(str(exc))
         return 2
     return asyncio.run(run(meta))
 
 
+USAGE = """nex-agent: runs inside a machine and executes one workload for its node.
+
+The node starts it with --metadata-fd N: a descriptor to read the machine's metadata from (JSON:
+vmid, node_nats_host, node_nats_port, node_nats_nkey, jail). There is nothing to run by hand."""
+
+
 def main() -> None:
     # ``--machine DIR`` may follow: it only shows in ps whose agent this is
-    if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help"):
-        print(
-            "nex-agent: runs inside a machine and executes one workload for its node.\n\n"
-            f"Reads its metadata from the environment: {api.ENV_VMID}, {api.ENV_HOST}, {api.ENV_PORT},\n"
-            f"{api.ENV_SEED} (its nkey seed). The node starts it; there is nothing to run by hand."
-        )
+    args = sys.argv[1:]
+    if args[:1] in (["-h"], ["--help"]):
+        print(USAGE)
         return
-    sys.exit(run_from_env())
+    if "--metadata-fd" not in args or args.index("--metadata-fd") + 1 >= len(args):
+        log("missing --metadata-fd: the node hands an agent its metadata through a descriptor")
+        sys.exit(2)
+    try:
+        meta = read_metadata(int(args[args.index("--metadata-fd") + 1]))
+    except (MetadataError, ValueError) as exc:
+        log(str(exc))
+        sys.exit(2)
+    sys.exit(run_with(meta))

@@ -2,12 +2,13 @@
 
 On ``deploy`` the agent takes the artifact from its machine's object store (``NEXCACHE_{vmid}``,
 key ``workload``; received as the node writes it, see :mod:`.store_watch`), checks its size and
-sha256 against the request, writes it executable into the machine's directory, and starts it with
-the request's argv and environment (keys upper-cased and nothing inherited, as nex does), in a PID
-namespace of its own so that whatever it starts ends with it; it dies with the agent (started from
-children forked as the artifact arrives, see :mod:`.launchpad`). It then confirms, reports ``workload_started``,
-streams stdout (level info) and stderr (level error) line by line on ``agentint.{vmid}.logs``, and
-reports ``workload_stopped`` with the exit code when it ends.
+sha256 against the request, and has it started, jailed, with the request's argv and environment
+(keys upper-cased and nothing inherited, as nex does), in a PID namespace of its own so that whatever
+it starts ends with it; it dies with the agent (its init is forked and jailed as the artifact arrives,
+see :mod:`.launchpad`). It then confirms, reports ``workload_started``, streams stdout (level info)
+and stderr (level error) line by line on ``agentint.{vmid}.logs``, and reports ``workload_stopped``
+with the exit code when it ends, saying so when the kernel killed it for exceeding the machine's
+memory.
 
 On ``undeploy`` it sends the workload SIGTERM, waits up to ``grace`` seconds, then SIGKILL, and
 answers once the workload is gone. Either way, once the workload has ended the agent's job is done.
@@ -20,13 +21,13 @@ import contextlib
 import hashlib
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from nex.api import agent as api
+from nex.sandbox import cgroups
 
 from .launchpad import Launchpad, Workload
 from .store_watch import StoreWatch
@@ -39,9 +40,20 @@ _encoder = msgspec.json.Encoder()
 
 
 class Runner:
-    def __init__(self, nc: Client, vmid: str, finished: asyncio.Event, log: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        vmid: str,
+        finished: asyncio.Event,
+        log: Callable[[str], None],
+        jail: api.Jail | None = None,
+        workdir: str = ".",
+    ) -> None:
         self.nc = nc
         self.vmid = vmid
+        self.jail = jail
+        self.workdir = workdir
+        self._oom_kills = 0  # the machine's count when the workload started
         self.finished = finished
         self.log = log
         self.launchpad: Launchpad | None = None  # forked as the artifact arrives; at deploy if missing
@@ -59,13 +71,13 @@ class Runner:
             return
         try:
             request = msgspec.json.decode(msg.data, type=api.AgentDeployRequest)
-            path = await self._fetch(request)
-            launchpad, self.launchpad = self.launchpad or Launchpad(), None
+            artifact = await self._fetch(request)
+            launchpad, self.launchpad = self.launchpad or self._new_launchpad(), None
+            self._oom_kills = self._count_oom_kills()
             self.process = await launchpad.launch(
-                str(path),
+                artifact,
                 request.argv,
                 {key.upper(): value for key, value in request.environment.items()},
-                str(path.parent),
                 limit=LINE_LIMIT,
             )
         except Exception as exc:
@@ -125,7 +137,19 @@ class Runner:
         machine's, and in every machine's memory). Only while the agent has one thread (nats-py
         starts none; forking a threaded process is not safe); else the deploy forks."""
         if self.launchpad is None and self.process is None and threading.active_count() == 1:
-            self.launchpad = Launchpad()
+            self.launchpad = self._new_launchpad()
+
+    def _new_launchpad(self) -> Launchpad:
+        return Launchpad(self.jail, self.workdir)
+
+    def _count_oom_kills(self) -> int:
+        """The kernel's count of processes it killed for memory in this machine's cgroup (0 without)."""
+        if self.jail is None or not self.jail.cgroup:
+            return 0
+        try:
+            return cgroups.oom_kills(self.jail.cgroup)
+        except OSError:
+            return 0
 
     async def _start_watching(self) -> None:
         """Receive the machine's object store as it is written (see :mod:`.store_watch`).
@@ -140,7 +164,7 @@ class Runner:
             return
         self.watch = watch
 
-    async def _fetch(self, request: api.AgentDeployRequest) -> Path:
+    async def _fetch(self, request: api.AgentDeployRequest) -> bytes:
         if self._watching is not None:
             await self._watching
         if self.watch is not None:
@@ -153,10 +177,7 @@ class Runner:
         digest = hashlib.sha256(data).hexdigest()
         if digest != request.hash:
             raise ValueError(f"the artifact's sha256 is {digest}, the request says {request.hash}")
-        path = Path.cwd() / f"workload-{self.vmid}"
-        path.write_bytes(data)
-        path.chmod(0o755)
-        return path
+        return data
 
     async def _pump(self, stream: asyncio.StreamReader, level: int) -> None:
         assert self.request is not None
@@ -172,6 +193,9 @@ class Runner:
         code = await self.process.wait()
         await asyncio.gather(*self._pumps, return_exceptions=True)  # every line out before the end
         message = f"exited with code {code}" if code >= 0 else f"killed by signal {-code}"
+        if code == -9 and self._count_oom_kills() > self._oom_kills:
+            assert self.jail is not None
+            message = f"killed by the kernel: out of memory (the machine has {self.jail.memory_mib} MiB)"
         await self._event(
             api.WorkloadStatus(workload_name=self.request.workload_name, code=code, message=message), "workload_stopped"
         )

@@ -12,13 +12,6 @@ import msgspec
 
 PREFIX = "agentint"
 
-#: how the process driver hands an agent its metadata (nex's no-sandbox names, v0.2.7)
-ENV_VMID = "NEX_WORKLOADID"
-ENV_HOST = "NEX_NODE_NATS_HOST"
-ENV_PORT = "NEX_NODE_NATS_PORT"
-ENV_SEED = "NEX_NODE_NATS_NKEY_SEED"
-ENV_SANDBOX = "NEX_SANDBOX"
-
 
 def subject(vmid: str, verb: str) -> str:
     return f"{PREFIX}.{vmid}.{verb}"
@@ -69,14 +62,48 @@ def inbox_prefix(vmid: str) -> str:
 ALL_HANDSHAKES = f"{PREFIX}.*.handshake"
 
 
+class BindMount(msgspec.Struct, frozen=True):
+    """A host path the operator lets workloads read, and where it appears in their root."""
+
+    source: str
+    target: str
+
+
+class Jail(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """How the agent jails its workload (:mod:`nex.sandbox.jail` applies it; None: no jail at all).
+
+    ``uid`` is the machine's own unprivileged host uid (and gid); with ``user_namespace`` it is uid 0
+    in a user namespace of the workload's own. ``cgroup`` lists the machine's cgroup directories,
+    which the agent joins before anything else so that all it starts is inside.
+    """
+
+    hostname: str
+    uid: int
+    user_namespace: bool = True
+    seccomp: bool = True
+    rootless: bool = False  # a node without root: see nex.sandbox.jail
+    memory_mib: int = 256
+    disk_mib: int = 64
+    nofile: int = 1024
+    mounts: list[BindMount] = []
+    nameservers: list[str] = []
+    cgroup: list[str] = []
+
+
 class MachineMetadata(msgspec.Struct, omit_defaults=True):
-    """What an agent needs to find its node (MMDS for VMs, the environment for processes)."""
+    """What an agent needs to find its node and to jail its workload.
+
+    Delivered in the driver's own way, never through an environment (the nkey seed is a secret): for
+    processes, the zygote's socket or a pipe (see :mod:`nex.vm.launcher`). ``metadata.json`` in the
+    machine's directory holds it without the seed.
+    """
 
     vmid: str
     node_nats_host: str
     node_nats_port: int
     node_nats_nkey: str = ""
     message: str = "Host-supplied metadata"
+    jail: Jail | None = None
 
 
 class HandshakeRequest(msgspec.Struct, omit_defaults=True):

@@ -61,6 +61,7 @@ class MachineSummary(msgspec.Struct, omit_defaults=True):
     workload: WorkloadSummary
     namespace: str = ""
     ip: str = ""  # an extension: the machine's address
+    sandbox: str = ""  # an extension: "jail" or "none"
 
 
 class PingResponse(msgspec.Struct, omit_defaults=True):
@@ -78,6 +79,23 @@ class PoolMember(msgspec.Struct):
     id: str
     state: str
     ip: str = ""
+    sandbox: str = ""  # "jail" or "none"
+
+
+class SandboxProtection(msgspec.Struct, omit_defaults=True):
+    """nex-py: one layer of the jail: ``on``, ``off`` (by the operator) or ``missing`` (and why)."""
+
+    name: str
+    state: str
+    detail: str = ""
+
+
+class SandboxInfo(msgspec.Struct, omit_defaults=True):
+    """nex-py: how this node's machines are jailed (``kind`` "jail", or "none" under no_sandbox)."""
+
+    kind: str
+    unsafe: bool
+    protections: list[SandboxProtection] = []
 
 
 class ActorSummary(msgspec.Struct, omit_defaults=True):
@@ -103,6 +121,7 @@ class InfoResponse(msgspec.Struct, omit_defaults=True):
     node_id: str = ""
     pool: list[PoolMember] = []
     actors: list[ActorSummary] = []
+    sandbox: SandboxInfo | None = None
 
 
 class LameDuckRequest(msgspec.Struct, omit_defaults=True):

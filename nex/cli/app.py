@@ -104,6 +104,8 @@ def up(
     heartbeat_interval: str | None = None,
     handshake_timeout: str | None = None,
     lameduck_deadline: str | None = None,
+    allow: list[str] | None = None,
+    no_sandbox: bool = False,
     log_level: Literal["debug", "info", "warn", "error"] = "info",
     conn: Connection = Connection(),  # noqa: B008  (cyclopts reads the defaults from here)
 ) -> int:
@@ -135,6 +137,13 @@ def up(
         How long a new machine's agent has to say hello, e.g. 5s (agent_handshake_timeout_ms).
     lameduck_deadline
         How long lame duck waits for workloads before stopping anyway, e.g. 10m (lameduck_deadline_ms).
+    allow
+        Let machines reach ADDRESS[/PREFIX][:PORT] through the network fence (sandbox.allow), e.g.
+        192.168.127.1:4222 for a NATS server on the host; repeat for more. By default machines reach only
+        the node's internal NATS server.
+    no_sandbox
+        Run workloads without any jail, limit or fence: as root, on this host (no_sandbox). Only for
+        code you trust.
     log_level
         Least severe log lines to print.
     """
@@ -150,10 +159,20 @@ def up(
             heartbeat_interval=heartbeat_interval,
             handshake_timeout=handshake_timeout,
             lameduck_deadline=lameduck_deadline,
+            allow=allow or [],
+            no_sandbox=no_sandbox,
             log_level=log_level,
             server=conn.server,
         )
     )
+
+
+def _opening(text: str) -> dict[str, Any]:
+    """``ADDRESS[/PREFIX][:PORT]`` as a fence opening (TCP; port 0: any)."""
+    address, _, port = text.rpartition(":") if text.count(":") == 1 else (text, "", "0")
+    if not port.isdigit():
+        raise _UsageError(f"--allow {text}: the port must be a number (ADDRESS[/PREFIX][:PORT])")
+    return {"cidr": address if "/" in address else f"{address}/32", "port": int(port)}
 
 
 def _up(
@@ -168,6 +187,8 @@ def _up(
     heartbeat_interval: str | None,
     handshake_timeout: str | None,
     lameduck_deadline: str | None,
+    allow: list[str],
+    no_sandbox: bool,
     log_level: str,
     server: str | None,
 ) -> int:
@@ -189,11 +210,13 @@ def _up(
             overrides[key] = int(_duration(flag, text) * 1000)
     if state_dir is not None:
         overrides["state_dir"] = str(state_dir)
+    if no_sandbox:
+        overrides["no_sandbox"] = True
 
     logs.configure(log_level)
     log = logs.get("nex.cli")
     try:
-        loaded = node_config.load(config, overrides)
+        loaded = node_config.load(config, overrides, openings=[_opening(text) for text in allow])
     except node_config.ConfigError as exc:
         return _fail(str(exc), 2)
     for warning in loaded.warnings:

@@ -59,6 +59,8 @@ def info_view(info: control.InfoResponse, node_id: str) -> Group:
             "Memory (kB)",
             f"total {info.memory.total:,}  free {info.memory.free:,}  available {info.memory.available:,}",
         )
+    if info.sandbox is not None:
+        facts.add_row("Sandbox", _sandbox(info.sandbox))
     parts: list[Table | Text] = [Text("NEX Node Information", style="bold cyan"), facts]
     parts.append(_machines(info))
     if info.actors:
@@ -66,18 +68,31 @@ def info_view(info: control.InfoResponse, node_id: str) -> Group:
     return Group(*parts)
 
 
+def _sandbox(sandbox: control.SandboxInfo) -> Text:
+    """The jail's layers, one per line, what is not on in yellow with the reason."""
+    if sandbox.kind == "none":
+        return Text("none: workloads run as root on the host, unlimited (no_sandbox)", style="bold red")
+    text = Text(f"{sandbox.kind}{' (incomplete: nex.unsafe)' if sandbox.unsafe else ''}")
+    for layer in sandbox.protections:
+        style = "" if layer.state == "on" else "yellow"
+        detail = f": {layer.detail}" if layer.detail else ""
+        text.append(f"\n  {layer.name} {layer.state}{detail}", style=style)
+    return text
+
+
 def _machines(info: control.InfoResponse) -> Table | Text:
     if not info.machines and not info.pool:
         return Text("No machines")
     table = Table(title="Machines", box=box.SIMPLE_HEAD, title_justify="left")
-    for column in ("ID", "State", "IP", "Workload", "Namespace", "Uptime"):
+    for column in ("ID", "State", "IP", "Sandbox", "Workload", "Namespace", "Uptime"):
         table.add_column(column, no_wrap=True)
     for machine in info.machines:
+        workload, namespace = machine.workload.name, machine.namespace or "-"
         table.add_row(
-            machine.id, "running", machine.ip or "-", machine.workload.name, machine.namespace or "-", machine.uptime
+            machine.id, "running", machine.ip or "-", machine.sandbox or "-", workload, namespace, machine.uptime
         )
     for member in info.pool:
-        table.add_row(member.id, f"{member.state} (warm pool)", member.ip or "-", "-", "-", "-")
+        table.add_row(member.id, f"{member.state} (warm pool)", member.ip or "-", member.sandbox or "-", "-", "-", "-")
     return table
 
 

@@ -33,8 +33,13 @@ class Plan:
 
 
 class Networks:
-    def __init__(self, config: NodeConfig, *, namespaced: bool, lease_root: Path = DEFAULT_ROOT) -> None:
+    """``group``: the interface group of the node's host links, which its fence matches them by."""
+
+    def __init__(
+        self, config: NodeConfig, *, namespaced: bool, group: int = 0, lease_root: Path = DEFAULT_ROOT
+    ) -> None:
         self.namespaced = namespaced
+        self.group = group
         self.subnet = config.subnet()
         self.gateway = ipaddress.IPv4Address(config.internal_host())
         self.interface = config.cni.interface_name
@@ -62,6 +67,7 @@ class Networks:
                 address=str(address),
                 prefixlen=self.subnet.prefixlen,
                 gateway=str(self.gateway),
+                group=self.group,
             )
             netns.create(net)
             return net

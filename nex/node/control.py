@@ -101,6 +101,7 @@ class ControlApi(Actor[InboundMsg]):
             node_id=self.state.node_id,
             pool=self.pool(),
             actors=flatten(self.tree()),
+            sandbox=self.state.sandbox,
         )
 
     def lameduck(self, body: bytes) -> bytes:

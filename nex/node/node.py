@@ -36,26 +36,27 @@ import trio
 from actors import (
     ActorRef,
     ChildSpec,
+    CleanupStack,
     DynamicSupervisor,
     Journal,
-    ResourceRecord,
     StartFailed,
     Supervisor,
     TreeNode,
-    recover,
     sole_exception,
 )
-from nex import logs
+from nex import linux, logs
 from nex.api import agent as agent_api
 from nex.api import control, events
 from nex.bus.aio import AsyncioThread, open_asyncio_thread
 from nex.bus.credentials import AgentCredentials
 from nex.bus.link import NatsLink
-from nex.bus.server import NatsServer, free_port, nats_answers
+from nex.bus.server import NatsServer, nats_answers
 from nex.config import NodeConfig
 from nex.crypto import NodeIdentity
-from nex.net import netns
+from nex.net import fence, netns
 from nex.net.network import Networks
+from nex.sandbox import cgroups, support
+from nex.sandbox.policy import HostSupport, Sandbox
 from nex.vm.drivers.process import ProcessDriver
 from nex.vm.handshake import HandshakeBook, Handshakes
 from nex.vm.launcher import SpawnLauncher, ZygoteLauncher
@@ -66,6 +67,7 @@ from nex.workload import manager, store
 from .control import ControlApi
 from .events import EventPublisher
 from .heartbeat import Heartbeat
+from .host import HostObjects, link_group, node_stem
 from .lameduck import LameDuckWatcher
 from .progress import FillProgress
 from .state import NodeState
@@ -101,6 +103,8 @@ class Node:
         self._state: NodeState | None = None
         self._tree_started = False
         self._networks: Networks | None = None
+        self._sandbox: Sandbox | None = None
+        self._host: HostObjects | None = None
         self._journal = Journal(state_dir / "journal")
         self._progress = FillProgress()
         self._pool: Pool | None = None
@@ -119,15 +123,18 @@ class Node:
 
     async def _run(self) -> int:
         try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
+            self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise NodeError(f"cannot create the state directory {self.state_dir}: {exc.strerror}") from None
+        linux.set_dumpable(False)  # its keys and its agents' credentials are in its memory
         with _StateDirLock(self.state_dir), _tidy_on_exit(self.state_dir):
             _clear_leftovers(self.state_dir / "nats")
             self._networks = self._plan_networks()
+            self._sandbox = self._plan_sandbox(self._networks)
+            self._host = HostObjects(self.config, self.state_dir, self._networks, self._sandbox)
             await self._recover()
             identity = NodeIdentity.generate() if self.ephemeral else NodeIdentity.load_or_create(self.state_dir)
-            state = NodeState(identity, self.config)
+            state = NodeState(identity, self.config, sandbox=_sandbox_info(self._sandbox))
             self._state = state
             log.info(
                 "Starting nex node",
@@ -139,13 +146,18 @@ class Node:
             )
             log.info("Use this key as the recipient for encrypted run requests", public_xkey=identity.public_xkey)
             colocate = self.config.bus_thread_affinity == "colocate"
-            async with open_asyncio_thread(colocate=colocate) as aio, trio.open_nursery() as nursery:
+            host_objects = CleanupStack(journal=self._journal, owner="node")
+            async with (
+                host_objects,
+                open_asyncio_thread(colocate=colocate) as aio,
+                trio.open_nursery() as nursery,
+            ):
                 nursery.start_soon(self._watch_signals, state)
                 if self._networks is not None and self._networks.namespaced:
                     nursery.start_soon(trio.to_thread.run_sync, netns.warm_up)
                 with trio.CancelScope() as startup:
                     self._startup = startup
-                    publisher = await self._start_tree(nursery, state, aio)
+                    publisher = await self._start_tree(nursery, state, aio, host_objects)
                     publisher.emit(
                         events.NODE_STARTED,
                         events.NodeStartedData(version=state.version, id=state.node_id, tags=state.tags()),
@@ -167,7 +179,9 @@ class Node:
             log.info("Node stopped", node=state.node_id)
             return 0
 
-    async def _start_tree(self, nursery: trio.Nursery, state: NodeState, aio: AsyncioThread) -> EventPublisher:
+    async def _start_tree(
+        self, nursery: trio.Nursery, state: NodeState, aio: AsyncioThread, host_objects: CleanupStack
+    ) -> EventPublisher:
         work_dir = self.state_dir / "nats"
         children: list[ChildSpec] = []
         control_url = await self._control_url()
@@ -182,15 +196,20 @@ class Node:
                 store=str(control_server.store_dir),
             )
             children.append(control_server.child_spec())
-        networks = self._networks
+        networks, sandbox, host = self._networks, self._sandbox, self._host
         assert networks is not None
-        internal_port = self.config.internal_node_port or free_port(DEFAULT_CONTROL_HOST)
+        assert sandbox is not None
+        assert host is not None
+        try:
+            # agents in namespaces reach it at their gateway, which a link of the node's holds; behind
+            # the fence, nothing else of the host is theirs to reach. It requires credentials from all.
+            internal_host, internal_port = await host.open(host_objects, self.config.internal_node_port)
+        except OSError as exc:
+            raise NodeError(f"cannot set up the machines' network: {exc}") from None
         credentials = AgentCredentials(stock=max(4, self.config.machine_pool_size))
         internal_server = NatsServer(
             "internal",
-            # agents in namespaces reach it through their gateway (.1 on every host veth); it requires
-            # credentials from everyone
-            host="0.0.0.0" if networks.namespaced else DEFAULT_CONTROL_HOST,
+            host=internal_host,
             port=internal_port,
             work_dir=work_dir,
             max_payload=store.INTERNAL_MAX_PAYLOAD,
@@ -200,7 +219,7 @@ class Node:
         control_link = NatsLink("control", [control_url], aio, client_name=f"nex-node {state.node_id}")
         internal_link = NatsLink(
             "internal",
-            [f"nats://{DEFAULT_CONTROL_HOST}:{internal_port}"],
+            [f"nats://{internal_host}:{internal_port}"],
             aio,
             client_name=f"nex-node {state.node_id}",
             reply_spaces=[agent_api.ALL_REPLIES],
@@ -214,7 +233,7 @@ class Node:
         machines = DynamicSupervisor("machines")
         workload_mailbox = manager.mailbox()
         deps = MachineDeps(
-            driver=ProcessDriver(networks, launcher),
+            driver=ProcessDriver(networks, launcher, sandbox),
             credentials=credentials,
             handshakes=book,
             vm_root=self.state_dir / "vm" / "system" / state.name,
@@ -235,7 +254,8 @@ class Node:
         workloads = manager.WorkloadManager(state, control_link, internal_link, publisher, ActorRef(pool_spec.mailbox))
 
         def pool_view() -> list[control.PoolMember]:
-            return [control.PoolMember(id=e.vmid, state=e.state, ip=e.ip) for e in pool.entries()]
+            kind = sandbox.kind
+            return [control.PoolMember(id=e.vmid, state=e.state, ip=e.ip, sandbox=kind) for e in pool.entries()]
 
         # The zygote first: it is "started" as soon as its process exists, and its imports then
         # overlap the start of the servers and links.
@@ -279,26 +299,49 @@ class Node:
         namespaced = netns.has_capabilities()
         if not namespaced:
             log.warning(
-                "Machines will share the host's loopback network: this process lacks CAP_NET_ADMIN and "
-                "CAP_SYS_ADMIN (run the node as root to give each machine its own network namespace)"
+                "Machines will share the host's loopback network, and workloads get none: this process lacks "
+                "CAP_NET_ADMIN and CAP_SYS_ADMIN (run the node as root to give each machine its own network "
+                "namespace)"
             )
-        return Networks(self.config, namespaced=namespaced)
+        return Networks(self.config, namespaced=namespaced, group=link_group(node_stem(self.state_dir)))
+
+    def _plan_sandbox(self, networks: Networks) -> Sandbox:
+        """Find out what this host lets the node apply of the jail, and say so (before any thread
+        starts: the user-namespace probe forks)."""
+        if self.config.no_sandbox:
+            log.warning("Workloads are NOT jailed (no_sandbox): each runs as root on this host, unlimited")
+            return Sandbox(self.config, HostSupport(False, networks.namespaced, None, None, "off", None))
+        privileged = support.privileged()
+        wanted = self.config.sandbox
+        try:
+            hierarchy: cgroups.Hierarchy | str = cgroups.Hierarchy.detect() if privileged else "the node is not root"
+        except cgroups.CgroupError as exc:
+            hierarchy = str(exc)
+        host = HostSupport(
+            privileged=privileged,
+            namespaced=networks.namespaced,
+            user_namespaces=support.user_namespaces(wanted.uid_base if privileged else None)
+            if wanted.user_namespace
+            else None,
+            seccomp=support.seccomp_filter() if wanted.seccomp else None,
+            cgroups=hierarchy,
+            fence=(fence.available() if networks.namespaced else None) if wanted.fence else None,
+        )
+        sandbox = Sandbox(self.config, host)
+        log.info("Sandbox", jail=", ".join(str(p) for p in sandbox.protections if p.state == "on"))
+        for protection in sandbox.protections:
+            if protection.state == "off":
+                log.warning("Sandbox protection turned off by the config", protection=protection.name)
+            elif protection.state == "missing":
+                log.warning(
+                    "Sandbox protection missing on this host", protection=protection.name, why=protection.detail
+                )
+        return sandbox
 
     async def _recover(self) -> None:
         """Release what a node that did not stop cleanly left behind (we hold the state-dir lock)."""
-        networks = self._networks
-        assert networks is not None
-
-        async def drop_netns(record: ResourceRecord) -> None:
-            await trio.to_thread.run_sync(netns.delete, str(record.data["netns"]), str(record.data["host_link"]))
-
-        async def drop_lease(record: ResourceRecord) -> None:
-            await networks.release(str(record.data["owner"]))
-
-        async def drop_dir(record: ResourceRecord) -> None:
-            await trio.to_thread.run_sync(shutil.rmtree, str(record.data["path"]), True)
-
-        released = await recover(self._journal, {"netns": drop_netns, "lease": drop_lease, "dir": drop_dir})
+        assert self._host is not None
+        released = await self._host.recover(self._journal)
         if released:
             log.info(
                 "Released what a node that did not stop cleanly left behind",
@@ -395,3 +438,11 @@ def _remove_empty_dirs(root: Path) -> None:
             path.rmdir()
     with contextlib.suppress(OSError):
         root.rmdir()
+
+
+def _sandbox_info(sandbox: Sandbox) -> control.SandboxInfo:
+    return control.SandboxInfo(
+        kind=sandbox.kind,
+        unsafe=sandbox.unsafe,
+        protections=[control.SandboxProtection(p.name, p.state, p.detail) for p in sandbox.protections],
+    )

@@ -14,20 +14,30 @@ from collections.abc import Callable
 import trio
 
 from nex import __version__, sysinfo
+from nex.api.control import SandboxInfo
 from nex.config import NodeConfig
 from nex.crypto import NodeIdentity
 
 
 class NodeState:
-    def __init__(self, identity: NodeIdentity, config: NodeConfig, *, version: str = __version__) -> None:
+    def __init__(
+        self,
+        identity: NodeIdentity,
+        config: NodeConfig,
+        *,
+        sandbox: SandboxInfo | None = None,
+        version: str = __version__,
+    ) -> None:
         self.identity = identity
         self.config = config
         self.version = version
         self.started = time.monotonic()
+        self.sandbox = sandbox or SandboxInfo(kind="none", unsafe=True)
         name = config.tags.get("node_name") or sysinfo.node_name(identity.node_id)
         self._tags = {"node_name": name, **config.tags, **sysinfo.host_tags()}
-        if config.driver == "process":
-            self._tags["nex.unsafe"] = "true"  # workloads share the host kernel: nex's meaning of unsafe
+        # nex's "unsafe": workloads run without their sandbox; which one, and whether whole, is said too
+        self._tags["nex.sandbox"] = self.sandbox.kind
+        self._tags["nex.unsafe"] = "true" if self.sandbox.unsafe else "false"
         self.lameduck = False
         self.lameduck_deadline: float | None = None
         self.lameduck_entered = trio.Event()

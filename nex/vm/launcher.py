@@ -21,6 +21,7 @@ import trio
 
 from actors import ChildSpec, CleanupStack
 from nex import logs, proc
+from nex.api.agent import MachineMetadata
 
 from . import zygote
 
@@ -36,12 +37,25 @@ class LaunchFailed(Exception):
 
 @dataclass(frozen=True)
 class LaunchSpec:
-    vmid: str
-    env: dict[str, str]
+    metadata: MachineMetadata  # handed over privately: it holds the agent's nkey seed
     stdout: Path
     stderr: Path
     cwd: Path
     netns: Path | None = None
+
+    @property
+    def vmid(self) -> str:
+        return self.metadata.vmid
+
+
+#: the only environment an agent or the zygote gets: nothing of the operator's
+AGENT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+
+
+def agent_environment() -> dict[str, str]:
+    """:data:`AGENT_ENV`, plus where Python finds nex when the node found it through PYTHONPATH."""
+    extra = {name: os.environ[name] for name in ("PYTHONPATH",) if name in os.environ}
+    return {**AGENT_ENV, **extra}
 
 
 class AgentProcess(Protocol):
@@ -99,27 +113,37 @@ class _SpawnedAgent:
 
 
 class SpawnLauncher:
-    """``python -m nex.agent`` per machine: no shared state, but a full Python start each time."""
+    """``python -m nex.agent`` per machine: no shared state, but a full Python start each time.
+
+    The metadata goes through a pipe the agent inherits (``--metadata-fd``), written before the
+    start: it is small, far below a pipe's 64 KiB.
+    """
 
     name = "spawn"
 
     async def launch(self, spec: LaunchSpec, cleanup: CleanupStack) -> AgentProcess:
         out = os.open(spec.stdout, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         err = os.open(spec.stderr, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        meta_r, meta_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            os.write(meta_w, msgspec.json.encode(spec.metadata))
+        finally:
+            os.close(meta_w)
         try:
             child = proc.spawn(
-                [sys.executable, "-m", "nex.agent", "--machine", str(spec.cwd)],
-                env=spec.env,
+                [sys.executable, "-m", "nex.agent", "--metadata-fd", str(meta_r), "--machine", str(spec.cwd)],
+                env=agent_environment(),
                 cwd=spec.cwd,
                 stdout=out,
                 stderr=err,
                 netns=spec.netns,
+                pass_fds=[meta_r],
             )
         except OSError as exc:
             raise LaunchFailed(f"cannot start the agent for {spec.vmid}: {exc}") from None
         finally:
-            os.close(out)
-            os.close(err)
+            for fd in (out, err, meta_r):
+                os.close(fd)
         agent = _SpawnedAgent(child)  # no checkpoint since the spawn: nothing can interrupt us here
         cleanup.push(f"agent {agent.pid}", lambda: agent.stop(grace=STOP_GRACE), durable=False)
         return agent
@@ -201,6 +225,7 @@ class ZygoteLauncher:
             node = ["--node", str(self.node_dir)] if self.node_dir is not None else []
             child = proc.spawn(
                 [sys.executable, "-m", "nex.vm.zygote", str(theirs.fileno()), *node],
+                env=agent_environment(),
                 pass_fds=[theirs.fileno()],
                 stderr=None,  # its own errors go to the node's stderr
             )
@@ -287,8 +312,7 @@ class ZygoteLauncher:
         self._ids += 1
         request = zygote.Spawn(
             id=self._ids,
-            vmid=spec.vmid,
-            env=spec.env,
+            metadata=spec.metadata,
             stdout=str(spec.stdout),
             stderr=str(spec.stderr),
             cwd=str(spec.cwd),

@@ -61,6 +61,7 @@ class MachineInfo(msgspec.Struct):
     pid: int
     driver: str
     since: float
+    sandbox: str = ""
 
 
 class Describe(Message):
@@ -153,21 +154,11 @@ class Machine(Actor[MachineMsg]):
             data={"path": str(folder.path)},
         )
         folder.create()
-        folder.write_json(
-            "metadata.json",
-            agent_api.MachineMetadata(vmid=vmid, node_nats_host=deps.agent_host, node_nats_port=deps.agent_port),
-        )
         folder.note("created")
-        seed = self.seed
-        env = {
-            agent_api.ENV_VMID: vmid,
-            agent_api.ENV_HOST: deps.agent_host,
-            agent_api.ENV_PORT: str(deps.agent_port),
-            agent_api.ENV_SEED: seed,
-            agent_api.ENV_SANDBOX: "false",
-            "PATH": "/usr/local/bin:/usr/bin:/bin",
-        }
-        context = MachineContext(vmid=vmid, dir=folder, cleanup=self.cleanup, env=env)
+        metadata = agent_api.MachineMetadata(
+            vmid=vmid, node_nats_host=deps.agent_host, node_nats_port=deps.agent_port, node_nats_nkey=self.seed
+        )
+        context = MachineContext(vmid=vmid, dir=folder, cleanup=self.cleanup, metadata=metadata)
         self.context = context
         store_made = trio.Event()  # made while the network and the agent start; needed once ready
         if deps.internal is not None:
@@ -297,6 +288,7 @@ class Machine(Actor[MachineMsg]):
             pid=self.agent.pid if self.agent else 0,
             driver=self.deps.driver.name,
             since=self.since,
+            sandbox=facts.get("sandbox", ""),
         )
 
     async def _keep_in_touch(self, link: NatsLink) -> None:

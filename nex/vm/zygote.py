@@ -1,9 +1,11 @@
 """The zygote: a fork server that starts agents without paying for Python's start-up each time.
 
 A fresh ``python -m nex.agent`` costs about 0.3 CPU-seconds of imports before it can say hello. The
-zygote imports the agent once, then, for each machine, forks a child that enters the machine's
-network namespace, points its output at the machine's files, takes its environment, and runs the
-agent. It is single-threaded, which is what makes forking it safe.
+zygote imports the agent once (and compiles the jail's seccomp filter once), then, for each machine,
+forks a child that enters the machine's network namespace, points its output at the machine's files,
+and runs the agent with the machine's metadata, handed over in memory (it holds the agent's nkey
+seed, which must never sit in an environment). It is single-threaded, which is what makes forking it
+safe. The node starts it with a minimal environment, not the operator's, and it is not dumpable.
 
 It talks to the node over a SOCK_SEQPACKET socket: requests are JSON :class:`Spawn` messages; each is
 answered by :class:`Spawned`, with the child's pidfd passed along (SCM_RIGHTS, taken before the child
@@ -29,12 +31,12 @@ import traceback
 import msgspec
 
 from nex import linux
+from nex.api.agent import MachineMetadata
 
 
 class Spawn(msgspec.Struct, tag=True):
     id: int
-    vmid: str
-    env: dict[str, str]
+    metadata: MachineMetadata
     stdout: str
     stderr: str
     cwd: str
@@ -69,7 +71,12 @@ _encoder = msgspec.json.Encoder()
 
 def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
+    linux.set_dumpable(False)
     from nex.agent import main as agent  # the point of the zygote: imported once, shared by every child
+    from nex.sandbox import seccomp
+
+    with contextlib.suppress(seccomp.SeccompUnavailable):  # said by the node at start, and by each deploy
+        seccomp.program()
 
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
@@ -94,7 +101,7 @@ def main() -> None:
                 sock.send(_encoder.encode(SpawnFailed(id=request.id, error=f"fork failed: {exc}")))
                 continue
             if pid == 0:
-                _child(request, me, agent.run_from_env, (sock, wake_r, wake_w))
+                _child(request, me, agent.run_with, (sock, wake_r, wake_w))
             pidfd = os.pidfd_open(pid)
             try:
                 sock.sendmsg(
@@ -139,10 +146,8 @@ def _child(request: Spawn, zygote: int, run: object, inherited: tuple[socket.soc
             os.dup2(fd, target)
             os.close(fd)
         os.chdir(request.cwd)
-        os.environ.clear()
-        os.environ.update(request.env)
         assert callable(run)
-        code = int(run())
+        code = int(run(request.metadata))
     except BaseException:
         with contextlib.suppress(Exception):
             traceback.print_exc()

@@ -375,6 +375,7 @@ class WorkloadManager(Actor[WorkloadMsg]):
                 uptime=w.uptime,
                 namespace=w.spec.namespace,
                 ip=w.ip,
+                sandbox=self.state.sandbox.kind,
                 workload=control.WorkloadSummary(
                     name=w.spec.name, description=w.spec.description, runtime=w.uptime, type="native", hash=w.spec.hash
                 ),

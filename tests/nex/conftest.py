@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from nex.net import netns
+from nex.net import fence, netns
 from nex.net.ipam import DEFAULT_ROOT as LEASES
 
 from .support import STARTED, Bus, NatsServerProc, kill_leftovers, processes_mentioning, wait_gone
 from .workloads import Binaries, BuildUnavailable, build
+
+CGROUPS = Path("/sys/fs/cgroup")
 
 
 @pytest.fixture
@@ -55,9 +57,19 @@ def bus(nats_server: NatsServerProc) -> Iterator[Bus]:
 
 
 def kernel_objects() -> dict[str, set[str]]:
-    """Our kind of host objects: nx* namespaces and links, and IP lease files."""
+    """Our kind of host objects: nx* namespaces, links, cgroups and nftables tables, IP lease files, and
+    mounts of ours (a machine's jail is mounted only in its own namespace: none may show here)."""
     leases = {str(p) for p in LEASES.glob("*/*") if p.name[0].isdigit()} if LEASES.is_dir() else set()
-    return {"namespaces": set(netns.namespaces("nx")), "links": set(netns.links("nx")), "leases": leases}
+    cgroups = {str(p) for p in (*CGROUPS.glob("nx*"), *CGROUPS.glob("*/nx*"))}
+    mounts = {line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines() if "/nx" in line}
+    return {
+        "namespaces": set(netns.namespaces("nx")),
+        "links": set(netns.links("nx")),
+        "leases": leases,
+        "cgroups": cgroups,
+        "nftables tables": set(fence.tables("nx")) if netns.has_capabilities() else set(),
+        "mounts": mounts,
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -90,6 +102,9 @@ def no_leaks(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[None]:
     machines = sorted(str(p) for p in tmp_path.glob("*/vm/*/*/*"))
     if machines:
         problems.append(f"machine state directories left behind: {machines}")
+    mounts = [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if marker in line]
+    if mounts:
+        problems.append(f"mounts of the test's files left behind: {mounts}")
     after = kernel_objects()
     for kind, found in after.items():
         new = sorted(found - before[kind])

@@ -409,11 +409,11 @@ def kill_leftovers(text: str) -> dict[int, str]:
 # -- machines -------------------------------------------------------------------------------------------
 
 
-def internal_port(node: NodeProcess) -> int:
-    """The port the node's internal nats-server listens on (from its config file)."""
+def internal_url(node: NodeProcess) -> str:
+    """Where the node's internal nats-server listens (from its config file): the gateway, as root."""
     for line in (node.state_dir / "nats" / "internal.conf").read_text().splitlines():
         if line.startswith("listen:"):
-            return int(line.rsplit(":", 1)[1].strip().strip('"'))
+            return "nats://" + line.split(":", 1)[1].strip().strip('"')
     raise AssertionError("no listen line in internal.conf")
 
 
@@ -437,6 +437,31 @@ def environment(pid: int) -> dict[str, str]:
     """A process's environment as it was at exec (see :func:`agents_of` for the zygote's caveat)."""
     raw = Path(f"/proc/{pid}/environ").read_bytes()
     return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
+def nkey_seed_in_memory(pid: int) -> str:
+    """The nkey user seed in a process's memory, as an attacker with CAP_SYS_PTRACE over it would find it.
+
+    Agents never hold their seed in an environment; a test that plays a compromised agent reads it from
+    the agent's writable memory (root may: agents are non-dumpable, which stops everyone else).
+    """
+    import re
+
+    pattern = re.compile(rb"SU[A-Z2-7]{56}")
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for line in maps:
+            span, perms = line.split()[:2]
+            if not perms.startswith("rw"):
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            try:
+                mem.seek(start)
+                found = pattern.search(mem.read(end - start))
+            except OSError:
+                continue
+            if found:
+                return found.group().decode()
+    raise AssertionError(f"no nkey seed in the memory of {pid}")
 
 
 def icmp_echo(address: str, timeout: float = 2.0) -> bool:

@@ -20,16 +20,22 @@ pytestmark = pytest.mark.integration
 
 
 def start_agent(server: NatsServerProc, vmid: str, home: Path) -> subprocess.Popen[bytes]:
-    env = {
-        api.ENV_VMID: vmid,
-        api.ENV_HOST: "127.0.0.1",
-        api.ENV_PORT: str(server.port),
-        "PATH": os.environ.get("PATH", ""),
-    }
-    with (home / f"{vmid}.log").open("ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "nex.agent", "--machine", str(home)], env=env, stdout=log, stderr=log
-        )
+    """An agent as the spawn launcher starts one: its metadata through an inherited pipe, no environment."""
+    meta = api.MachineMetadata(vmid=vmid, node_nats_host="127.0.0.1", node_nats_port=server.port)
+    meta_r, meta_w = os.pipe()
+    os.write(meta_w, msgspec.json.encode(meta))
+    os.close(meta_w)
+    try:
+        with (home / f"{vmid}.log").open("ab") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "nex.agent", "--metadata-fd", str(meta_r), "--machine", str(home)],
+                env={"PATH": os.environ.get("PATH", "")},
+                stdout=log,
+                stderr=log,
+                pass_fds=[meta_r],
+            )
+    finally:
+        os.close(meta_r)
 
 
 async def play_node(url: str, vmid: str, *, undeploy: bool) -> dict[str, object]:
@@ -83,4 +89,18 @@ def test_the_agent_refuses_to_run_without_metadata(home: Path) -> None:
         [sys.executable, "-m", "nex.agent"], env={"PATH": ""}, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 2
-    assert "missing machine metadata in the environment: NEX_WORKLOADID" in result.stderr
+    assert "missing --metadata-fd" in result.stderr
+    meta_r, meta_w = os.pipe()
+    os.write(meta_w, b'{"vmid": 1}')
+    os.close(meta_w)
+    bad = subprocess.run(
+        [sys.executable, "-m", "nex.agent", "--metadata-fd", str(meta_r)],
+        env={"PATH": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        pass_fds=[meta_r],
+    )
+    os.close(meta_r)
+    assert bad.returncode == 2
+    assert "malformed machine metadata: Expected `str`, got `int` - at `$.vmid`" in bad.stderr

@@ -24,13 +24,15 @@ from .support import NatsServerProc, wait_gone
 pytestmark = pytest.mark.integration
 
 
+SHELL = Path("/bin/sh").read_bytes()
+
+
 def test_the_launchpad_runs_the_workload_with_its_output_and_exit_code(tmp_path: Path) -> None:
     async def main() -> tuple[bytes, bytes, int]:
-        pad = Launchpad()
+        pad = Launchpad(None, str(tmp_path))
         workload = await pad.launch(
-            "/bin/sh", ["-c", 'echo "out $GREETING"; pwd; echo err >&2; exit 3'], {"GREETING": "hi"}, str(tmp_path),
-            limit=1 << 16,
-        )  # fmt: skip
+            SHELL, ["-c", 'echo "out $GREETING"; pwd; echo err >&2; exit 3'], {"GREETING": "hi"}, limit=1 << 16
+        )
         assert workload.pid == pad.pid, "the pre-forked child became the workload"
         out = await workload.stdout.read()
         err = await workload.stderr.read()
@@ -40,16 +42,14 @@ def test_the_launchpad_runs_the_workload_with_its_output_and_exit_code(tmp_path:
     assert out == f"out hi\n{tmp_path}\n".encode()
     assert err == b"err\n"
     assert code == 3
+    assert (tmp_path / "workload").read_bytes() == SHELL, "without a jail, the artifact lands in the agent's directory"
 
 
 def test_a_launch_that_cannot_exec_says_why_and_leaves_no_child(tmp_path: Path) -> None:
-    script = tmp_path / "not-executable"
-    script.write_text("#!/bin/sh\n")
-
     async def main() -> int:
-        pad = Launchpad()
-        with pytest.raises(LaunchFailed, match="Permission denied"):
-            await pad.launch(str(script), [], {}, str(tmp_path), limit=1024)
+        pad = Launchpad(None, str(tmp_path))
+        with pytest.raises(LaunchFailed, match="Exec format error"):
+            await pad.launch(b"\x00 not a program", [], {}, limit=1024)
         return pad.pid
 
     pid = asyncio.run(main())
@@ -57,22 +57,36 @@ def test_a_launch_that_cannot_exec_says_why_and_leaves_no_child(tmp_path: Path) 
         os.waitpid(pid, os.WNOHANG)  # reaped already
 
 
-def test_an_unused_launchpad_goes_away_when_closed() -> None:
-    pad = Launchpad()
+def test_an_artifact_is_never_written_through_a_planted_link(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (tmp_path / "workload").symlink_to(victim)
+
+    async def main() -> None:
+        pad = Launchpad(None, str(tmp_path))
+        with pytest.raises(LaunchFailed, match="File exists"):
+            await pad.launch(SHELL, ["-c", "true"], {}, limit=1024)
+
+    asyncio.run(main())
+    assert victim.read_text() == "precious"
+
+
+def test_an_unused_launchpad_goes_away_when_closed(tmp_path: Path) -> None:
+    pad = Launchpad(None, str(tmp_path))
     pad.close()
     with pytest.raises(ChildProcessError):
         os.waitpid(pad.pid, os.WNOHANG)
 
 
-def test_the_workload_and_what_it_started_die_with_a_killed_agent() -> None:
+def test_the_workload_and_what_it_started_die_with_a_killed_agent(tmp_path: Path) -> None:
     agent = textwrap.dedent(
-        """
+        f"""
         import asyncio
         from nex.agent.launchpad import Launchpad
         async def main():
-            pad = Launchpad()
+            pad = Launchpad(None, {str(tmp_path)!r})
             script = "setsid sleep 301 & echo started; exec sleep 300"
-            workload = await pad.launch("/bin/sh", ["-c", script], {}, "/", limit=1024)
+            workload = await pad.launch(open("/bin/sh", "rb").read(), ["-c", script], {{}}, limit=1024)
             await workload.stdout.readline()  # its daemon is forked by now
             print(workload.pid, pad.contained, flush=True)
             await asyncio.sleep(300)

@@ -30,7 +30,8 @@ from .support import (
     agents_of,
     environment,
     icmp_echo,
-    internal_port,
+    internal_url,
+    nkey_seed_in_memory,
     processes_mentioning,
     wait_for_pool,
     wait_gone,
@@ -161,11 +162,13 @@ def test_a_later_handshake_timeout_tears_that_machine_down_and_retries(
 
 def test_agents_cannot_use_each_others_subjects(home: Path, nats_server: NatsServerProc, bus: Bus) -> None:
     config = home / "spawn.json"
-    config.write_text('{"agent_launcher": "spawn"}')  # spawned agents exec with their env: readable as root
+    config.write_text('{"agent_launcher": "spawn"}')  # an agent of its own, not a fork sharing the zygote's memory
     node = NodeProcess(home, "--pool-size", "2", "--config", str(config), server=nats_server.url).start(bus)
     (a, pid_a), (b, _) = sorted(agents_of(node).items())
-    seed_a = environment(pid_a)["NEX_NODE_NATS_NKEY_SEED"]
-    url = f"nats://127.0.0.1:{internal_port(node)}"
+    assert not any(value.startswith("SU") for value in environment(pid_a).values()), "a seed in an environment"
+    seed_a = nkey_seed_in_memory(pid_a)  # what an attacker who took agent A over would have
+    url = internal_url(node)
+    assert url.startswith("nats://192.168.127.1:"), "the internal server listens on the gateway only"
     errors: list[str] = []
 
     async def record(exc: Exception) -> None:

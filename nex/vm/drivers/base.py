@@ -4,10 +4,12 @@ A driver works on one machine at a time, through the machine's :class:`MachineCo
 creates outside the node's process it registers on ``context.cleanup`` *before* creating it, so the
 machine's teardown (normal, crash or cancellation) releases it, and crash recovery can find it.
 
-- ``prepare``: make what the sandbox needs (network, disks) and write ``driver.json``;
-- ``start``: start the sandbox with the agent in it; return the agent's process;
+- ``prepare``: make what the sandbox needs (network, cgroup, disks), complete the machine's metadata
+  (its jail) and write ``driver.json`` and ``metadata.json``;
+- ``start``: start the sandbox with the agent in it, handing the agent its metadata privately;
+  return the agent's process;
 - ``stop``: ask the sandbox to stop, within ``grace`` seconds (cleanup kills what is left);
-- ``describe``: facts for ``nex info`` and the logs (address, pid, ...).
+- ``describe``: facts for ``nex info`` and the logs (address, pid, sandbox, ...).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from actors import CleanupStack
+from nex.api.agent import MachineMetadata
 from nex.net.netns import MachineNetwork
 from nex.vm.launcher import AgentProcess
 from nex.vm.state import MachineDir
@@ -26,7 +29,7 @@ class MachineContext:
     vmid: str
     dir: MachineDir
     cleanup: CleanupStack
-    env: dict[str, str]
+    metadata: MachineMetadata  # the nkey seed included: never written to disk or an environment
     network: MachineNetwork | None = None
     facts: dict[str, str] = field(default_factory=dict)
 

@@ -1,13 +1,21 @@
-"""The process driver: the agent as a child process, in its own network namespace when the node may.
+"""The process driver: the agent as a child process, jailed, limited and fenced when the node may.
 
-As root, each machine gets a namespace, a veth pair and a leased address (:mod:`nex.net`); without
-CAP_NET_ADMIN, machines share the host's loopback and the node says so at start. The agent is started
-by the node's launcher (the zygote, or a new process).
+As root, each machine gets a network namespace, a veth pair and a leased address (:mod:`nex.net`),
+a cgroup enforcing its template (:mod:`nex.sandbox.cgroups`), and a host uid of its own; its agent
+builds the workload's jail from the metadata (:mod:`nex.sandbox.jail`). Without CAP_NET_ADMIN,
+machines share the host's loopback (their workloads get no network at all) and the node says so at
+start. The agent is started by the node's launcher (the zygote, or a new process), which hands it
+its metadata privately.
 """
 
 from __future__ import annotations
 
+import msgspec
+import trio
+
 from nex.net.network import Networks
+from nex.sandbox.policy import Sandbox
+from nex.vm import ids
 from nex.vm.launcher import AgentProcess, Launcher, LaunchSpec
 
 from .base import MachineContext
@@ -16,29 +24,35 @@ from .base import MachineContext
 class ProcessDriver:
     name = "process"
 
-    def __init__(self, networks: Networks, launcher: Launcher) -> None:
+    def __init__(self, networks: Networks, launcher: Launcher, sandbox: Sandbox) -> None:
         self.networks = networks
         self.launcher = launcher
+        self.sandbox = sandbox
 
     async def prepare(self, machine: MachineContext) -> None:
-        if not self.networks.namespaced:
-            machine.dir.write_json(
-                "driver.json", {"driver": self.name, "launcher": self.launcher.name, "network": "host loopback"}
-            )
-            return
+        facts: dict[str, object] = {"driver": self.name, "launcher": self.launcher.name}
+        facts["sandbox"] = self.sandbox.kind
+        if self.networks.namespaced:
+            await self._prepare_network(machine, facts)
+        else:
+            facts["network"] = "host loopback"
+        cgroup = await self._prepare_cgroup(machine) if self.sandbox.hierarchy is not None else []
+        address = machine.network.address if machine.network is not None else None
+        jail = self.sandbox.jail(machine.vmid, self.sandbox.uid_for(address), cgroup)
+        machine.metadata = msgspec.structs.replace(machine.metadata, jail=jail)
+        machine.dir.write_json("driver.json", facts)
+        machine.dir.write_json("metadata.json", msgspec.structs.replace(machine.metadata, node_nats_nkey=""))
+
+    async def _prepare_network(self, machine: MachineContext, facts: dict[str, object]) -> None:
         plan = self.networks.plan(machine.vmid)
-        machine.dir.write_json(
-            "driver.json",
-            {
-                "driver": self.name,
-                "launcher": self.launcher.name,
-                "netns": plan.netns,
-                "host_link": plan.host_link,
-                "guest_link": plan.guest_link,
-                "network": self.networks.network_name,
-                "subnet": str(self.networks.subnet),
-            },
-        )
+        facts |= {
+            "netns": plan.netns,
+            "host_link": plan.host_link,
+            "guest_link": plan.guest_link,
+            "network": self.networks.network_name,
+            "subnet": str(self.networks.subnet),
+        }
+        machine.dir.write_json("driver.json", facts)  # before the objects it names exist
         machine.cleanup.push(
             f"lease of {machine.vmid}",
             lambda: self.networks.release(machine.vmid),
@@ -54,10 +68,24 @@ class ProcessDriver:
         machine.network = await self.networks.create(plan)
         machine.dir.note(f"network: netns {plan.netns}, {machine.network.address} via {plan.host_link}")
 
+    async def _prepare_cgroup(self, machine: MachineContext) -> list[str]:
+        """The machine's cgroup, made with its limits; its directories (the agent joins them)."""
+        hierarchy = self.sandbox.hierarchy
+        assert hierarchy is not None
+        name, parent = ids.short(machine.vmid), self.sandbox.config.sandbox.cgroup_parent
+        machine.cleanup.push(
+            f"cgroup {name}",
+            lambda: trio.to_thread.run_sync(hierarchy.remove, name, parent),
+            kind="cgroup",
+            data={"name": name, "parent": parent},
+        )
+        paths = await trio.to_thread.run_sync(hierarchy.create, name, self.sandbox.limits(), parent)
+        machine.dir.note(f"cgroup {name}: {', '.join(str(p) for p in paths)}")
+        return [str(path) for path in paths]
+
     async def start(self, machine: MachineContext) -> AgentProcess:
         spec = LaunchSpec(
-            vmid=machine.vmid,
-            env=machine.env,
+            metadata=machine.metadata,
             stdout=machine.dir.stdout,
             stderr=machine.dir.stderr,
             cwd=machine.dir.path,
@@ -72,7 +100,7 @@ class ProcessDriver:
         await agent.stop(grace)
 
     def describe(self, machine: MachineContext) -> dict[str, str]:
-        facts = {"driver": self.name, "launcher": self.launcher.name}
+        facts = {"driver": self.name, "launcher": self.launcher.name, "sandbox": self.sandbox.kind}
         if machine.network is not None:
             facts |= {
                 "ip": machine.network.address,

@@ -32,6 +32,7 @@ class Binaries:
     echo: bytes  # static: the NATS echo service (ECHO_EXIT=N makes it exit N at once)
     echo_dynamic: bytes  # the same, dynamically linked
     script: bytes  # a shell script
+    hostile: bytes  # static: a tenant that attacks its sandbox (see hostile.c); never run it on the host
 
 
 def build(directory: Path) -> Binaries:
@@ -39,11 +40,17 @@ def build(directory: Path) -> Binaries:
     gcc = shutil.which("gcc")
     if gcc is None:
         raise BuildUnavailable("gcc is not installed (apt-get install gcc libc6-dev)")
-    source = SOURCES / "echo.c"
-    outputs = {"echo": ["-static"], "echo_dynamic": []}
-    for name, flags in outputs.items():
+    outputs = {
+        "echo": ("echo.c", ["-static"]),
+        "echo_dynamic": ("echo.c", []),
+        "hostile": ("hostile.c", ["-static", "-pthread"]),
+    }
+    for name, (source, flags) in outputs.items():
         result = subprocess.run(
-            [gcc, *flags, "-O2", "-o", str(directory / name), str(source)], capture_output=True, text=True, check=False
+            [gcc, *flags, "-O2", "-o", str(directory / name), str(SOURCES / source)],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if result.returncode != 0:
             raise BuildUnavailable(f"gcc {' '.join(flags)} failed (a static libc is needed): {result.stderr.strip()}")
@@ -51,6 +58,7 @@ def build(directory: Path) -> Binaries:
         echo=(directory / "echo").read_bytes(),
         echo_dynamic=(directory / "echo_dynamic").read_bytes(),
         script=b"#!/bin/sh\necho hello from a script\n",
+        hostile=(directory / "hostile").read_bytes(),
     )
 
 

@@ -1,0 +1,177 @@
+"""The node's own host objects, and the release of what a node killed outright left behind.
+
+Two objects belong to the node rather than to a machine, both named from its state directory (so a
+node restarted on the same directory finds and replaces its own, and two nodes never share one):
+
+- the **gateway link** ``nx<10 hex>g``, a dummy link holding the gateway address, so that the
+  internal nats-server listens on the gateway (where machines reach it) and not on every address;
+- the **fence** (:mod:`nex.net.fence`), an nftables table that lets machines reach that server and
+  the operator's openings, and nothing else of the host or of each other.
+
+Both are journaled before they are made and released after every machine is gone.
+
+Crash recovery (:meth:`HostObjects.recover`) acts only on records this node could have written: names
+with the ``nx`` prefix and the shape the node gives them, paths under the state directory's ``vm/``,
+leases of its own network. A record that fails this (the journal is outside every jail, but an
+operator could still copy one in) is logged, dropped, and nothing is done with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import trio
+
+from actors import CleanupStack, Journal, ResourceRecord, recover
+from nex import logs
+from nex.bus.server import free_port
+from nex.config import NodeConfig
+from nex.net import fence, netns
+from nex.net.network import Networks
+from nex.sandbox import cgroups
+from nex.sandbox.policy import Sandbox
+
+log = logs.get("nex.node")
+
+_STEM = r"nx[0-9a-f]{10}"
+_SHAPES = {
+    "netns": {"netns": rf"{_STEM}", "host_link": rf"{_STEM}h"},
+    "lease": {"owner": r"[0-9a-v]{20}"},
+    "cgroup": {"name": _STEM},
+    "link": {"link": rf"{_STEM}g"},
+    "fence": {"table": _STEM},
+}
+
+
+def node_stem(state_dir: Path) -> str:
+    """``nx`` and 10 hex characters of the state directory's path: the stem of the node's own objects."""
+    return "nx" + hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:10]
+
+
+def link_group(stem: str) -> int:
+    """The interface group of the node's host links (what its fence matches), from its stem: never 0
+    (every link's default group), below 2**31."""
+    return (int(stem[2:10], 16) & 0x7FFF_FFFF) | 1
+
+
+class NotOurs(Exception):
+    """A journal record this node could not have written."""
+
+
+class HostObjects:
+    def __init__(self, config: NodeConfig, state_dir: Path, networks: Networks, sandbox: Sandbox) -> None:
+        self.config = config
+        self.state_dir = state_dir
+        self.networks = networks
+        self.sandbox = sandbox
+        self.stem = node_stem(state_dir)
+        self.gateway_link = f"{self.stem}g"
+
+    async def open(self, stack: CleanupStack, port: int) -> tuple[str, int]:
+        """Make the gateway link and the fence; the internal server's address and port.
+
+        ``port`` 0 picks a free one on the gateway. Without namespaces (no root), the internal server
+        listens on loopback, where the machines' agents are.
+        """
+        if not self.networks.namespaced:
+            return "127.0.0.1", port or free_port("127.0.0.1")
+        gateway = str(self.networks.gateway)
+        stack.push(
+            f"gateway link {self.gateway_link}",
+            lambda: trio.to_thread.run_sync(netns.delete_link, self.gateway_link),
+            kind="link",
+            data={"link": self.gateway_link},
+        )
+        await trio.to_thread.run_sync(netns.create_gateway_link, self.gateway_link, gateway)
+        port = port or free_port(gateway)
+        if self.sandbox.fence:
+            plan = fence.FencePlan(
+                table=self.stem,
+                group=self.networks.group,
+                gateway=gateway,
+                port=port,
+                subnet=str(self.networks.subnet),
+                openings=tuple(
+                    fence.Opening(cidr=o.cidr, port=o.port, protocol=o.protocol) for o in self.config.sandbox.allow
+                ),
+                masquerade=self.config.sandbox.masquerade,
+            )
+            stack.push(
+                f"fence {plan.table}",
+                lambda: trio.to_thread.run_sync(fence.remove, plan.table),
+                kind="fence",
+                data={"table": plan.table},
+            )
+            await trio.to_thread.run_sync(fence.install, plan)
+            log.info(
+                "Network fence up",
+                table=f"inet {plan.table}",
+                reaches=f"{gateway}:{port}",
+                openings=", ".join(f"{o.cidr}:{o.port or '*'}/{o.protocol}" for o in plan.openings) or "none",
+            )
+        return gateway, port
+
+    async def recover(self, journal: Journal) -> list[ResourceRecord]:
+        """Release, from the journal, what a node that did not stop cleanly left behind."""
+        releasers: dict[str, Callable[[ResourceRecord], Awaitable[None]]] = {
+            "netns": self._drop_netns,
+            "lease": self._drop_lease,
+            "dir": self._drop_dir,
+            "cgroup": self._drop_cgroup,
+            "link": self._drop_link,
+            "fence": self._drop_fence,
+        }
+        guarded = {kind: _only_ours(kind, release) for kind, release in releasers.items()}
+        return await recover(journal, guarded)
+
+    async def _drop_netns(self, record: ResourceRecord) -> None:
+        await trio.to_thread.run_sync(netns.delete, str(record.data["netns"]), str(record.data["host_link"]))
+
+    async def _drop_lease(self, record: ResourceRecord) -> None:
+        if record.data.get("network") != self.networks.network_name:
+            raise NotOurs(f"a lease in network {record.data.get('network')!r}, not {self.networks.network_name}")
+        await self.networks.release(str(record.data["owner"]))
+
+    async def _drop_dir(self, record: ResourceRecord) -> None:
+        path = Path(str(record.data.get("path", "")))
+        vm_root = self.state_dir / "vm"
+
+        def remove() -> None:
+            real, root = path.resolve(), vm_root.resolve()
+            if path.is_symlink() or not real.is_relative_to(root) or real == root:
+                raise NotOurs(f"{path} is not a machine directory under {vm_root}")
+            shutil.rmtree(path, ignore_errors=True)
+
+        await trio.to_thread.run_sync(remove)
+
+    async def _drop_cgroup(self, record: ResourceRecord) -> None:
+        hierarchy = self.sandbox.hierarchy or cgroups.Hierarchy.detect()  # no_sandbox now, say
+        await trio.to_thread.run_sync(hierarchy.remove, str(record.data["name"]), str(record.data.get("parent", "")))
+
+    async def _drop_link(self, record: ResourceRecord) -> None:
+        await trio.to_thread.run_sync(netns.delete_link, str(record.data["link"]))
+
+    async def _drop_fence(self, record: ResourceRecord) -> None:
+        await trio.to_thread.run_sync(fence.remove, str(record.data["table"]))
+
+
+def _only_ours(
+    kind: str, release: Callable[[ResourceRecord], Awaitable[None]]
+) -> Callable[[ResourceRecord], Awaitable[None]]:
+    """``release``, for records whose names have the shape this node gives them; others are dropped."""
+    shapes = _SHAPES.get(kind, {})
+
+    async def guarded(record: ResourceRecord) -> None:
+        try:
+            for field, shape in shapes.items():
+                if not re.fullmatch(shape, str(record.data.get(field, ""))):
+                    raise NotOurs(f"{field} {record.data.get(field)!r} is not a name this node gives")
+            await release(record)
+        except NotOurs as exc:
+            log.warning("Ignored a journal record this node did not write", kind=kind, record=record.name, why=str(exc))
+
+    return guarded
