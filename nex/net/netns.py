@@ -1,8 +1,14 @@
 """A machine's network: its own namespace joined to the host by a veth pair (the CNI ``ptp`` topology).
 
     host                                  netns nx<hash>
-    nx<hash>h  192.168.127.1/32  <─veth─>  veth0  192.168.127.N/24, default via .1
-    route 192.168.127.N/32 dev nx<hash>h   lo up
+    nx<hash>h  192.168.127.1/32  <─veth─>  veth0  192.168.127.N/32
+    route 192.168.127.N/32 dev nx<hash>h   route 192.168.127.1 dev veth0, default via .1
+    (in the node's interface group)        lo up
+
+As with CNI's ptp plugin, the machine's address is a /32 and everything, its subnet included, goes
+through the gateway: the host decides (with the node's fence, see :mod:`nex.net.fence`) what a
+machine reaches, never the machine's own link. The host end is created in the node's interface group,
+which is what the fence matches.
 
 Every host-side object is named ``nx…`` and fits IFNAMSIZ. These are blocking functions for a worker
 thread (see :mod:`nex.net.network`). Creating the namespace is done with ``unshare`` and a bind mount
@@ -26,8 +32,6 @@ from pathlib import Path
 from nex import affinity, linux
 
 NETNS_DIR = Path("/run/netns")
-MS_BIND = 4096
-MNT_DETACH = 2
 
 _libc = linux.libc
 
@@ -42,6 +46,7 @@ class MachineNetwork:
     address: str
     prefixlen: int
     gateway: str
+    group: int = 0  # the host end's interface group (0: none)
 
     @property
     def netns_path(self) -> Path:
@@ -67,12 +72,14 @@ def create(net: MachineNetwork) -> None:
             fd = os.open(net.netns_path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o444)
             os.close(fd)
             path = str(net.netns_path).encode()
-            _check(_libc.mount(b"/proc/thread-self/ns/net", path, None, MS_BIND, None), "bind-mount the netns")
+            _check(_libc.mount(b"/proc/thread-self/ns/net", path, None, linux.MS_BIND, None), "bind-mount the netns")
             with Rtnl() as inside:  # opened in the new namespace
-                inside.add_veth(net.guest_link, net.host_link, peer_netns_fd=host_ns)
+                group = net.group or None
+                inside.add_veth(net.guest_link, net.host_link, peer_netns_fd=host_ns, peer_group=group)
                 inside.set_up("lo")
                 inside.add_address(net.guest_link, net.address, net.prefixlen)
                 inside.set_up(net.guest_link)
+                inside.add_route(net.gateway, 32, device=net.guest_link)
                 inside.add_route("0.0.0.0", 0, gateway=net.gateway)
         finally:
             _check(_libc.setns(host_ns, linux.CLONE_NEWNET), "return to the host netns")
@@ -92,10 +99,33 @@ def delete(netns: str, host_link: str) -> None:
     with Rtnl() as host:
         host.delete_link(host_link)  # takes its peer with it, at once (not when the netns goes)
     path = NETNS_DIR / netns
-    if _libc.umount2(str(path).encode(), MNT_DETACH) != 0 and ctypes.get_errno() not in (errno.EINVAL, errno.ENOENT):
+    unmounted = _libc.umount2(str(path).encode(), linux.MNT_DETACH) == 0
+    if not unmounted and ctypes.get_errno() not in (errno.EINVAL, errno.ENOENT):
         code = ctypes.get_errno()
         raise OSError(code, f"unmount {path}: {os.strerror(code)}")
     path.unlink(missing_ok=True)
+
+
+def create_gateway_link(name: str, gateway: str) -> None:
+    """A link of the node's own holding the gateway address, up (blocking): what the internal server
+    listens on, so that it never listens on the host's other addresses. Replaces a leftover of that name."""
+    from .rtnl import Rtnl
+
+    affinity.unpin_current()
+    with Rtnl() as host:
+        host.delete_link(name)
+        host.add_dummy(name)
+        host.add_address(name, gateway, 32)
+        host.set_up(name)
+
+
+def delete_link(name: str) -> bool:
+    """Delete link ``name`` of this namespace if it exists (blocking, idempotent)."""
+    from .rtnl import Rtnl
+
+    affinity.unpin_current()
+    with Rtnl() as host:
+        return host.delete_link(name)
 
 
 def warm_up() -> None:

@@ -65,7 +65,7 @@ class Networks:
                 host_link=plan.host_link,
                 guest_link=plan.guest_link,
                 address=str(address),
-                prefixlen=self.subnet.prefixlen,
+                prefixlen=32,  # CNI ptp: everything goes through the gateway
                 gateway=str(self.gateway),
                 group=self.group,
             )

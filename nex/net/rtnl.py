@@ -10,6 +10,7 @@ A :class:`Rtnl` speaks for the network namespace of the thread that opens it, li
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import socket
@@ -65,11 +66,17 @@ class Rtnl:
                     return
                 offset += max(length, 16)
 
-    def add_veth(self, name: str, peer: str, peer_netns_fd: int | None = None) -> None:
-        """A veth pair ``name``/``peer``; ``peer`` goes into the namespace ``peer_netns_fd`` if given."""
+    def add_veth(self, name: str, peer: str, peer_netns_fd: int | None = None, peer_group: int | None = None) -> None:
+        """A veth pair ``name``/``peer``; ``peer`` goes into the namespace ``peer_netns_fd`` if given.
+
+        ``peer_group`` is the peer's interface group (``IFLA_GROUP``), given at creation so that the
+        peer is in its group (what a node's fence matches host links by) from the instant it exists.
+        """
         peer_attrs: list[tuple[str, object]] = [("IFLA_IFNAME", peer)]
         if peer_netns_fd is not None:
             peer_attrs.append(("IFLA_NET_NS_FD", peer_netns_fd))
+        if peer_group is not None:
+            peer_attrs.append(("IFLA_GROUP", peer_group))
         msg = ifinfmsg()
         msg["attrs"] = [
             ("IFLA_IFNAME", name),
@@ -84,6 +91,35 @@ class Rtnl:
             ),
         ]
         self._request(msg, RTM_NEWLINK, CREATE, f"create veth {name}/{peer}")
+
+    def add_dummy(self, name: str) -> str:
+        """A link whose only job is to hold a host address (the gateway's); returns the kind it made.
+
+        A ``dummy`` link, or, on a kernel built without one (``CONFIG_DUMMY``; the Firecracker dev VM's
+        kernel is such), an empty ``bridge``, which holds an address just as well: a local address
+        belongs to the host, not to its link, and a bridge is in every kernel that runs containers.
+        It is created down; bring it up (:meth:`set_up`) before binding to its address.
+        """
+        try:
+            self._add_link(name, "dummy")
+        except OSError as exc:
+            if exc.errno != errno.EOPNOTSUPP:
+                raise
+            self._add_link(name, "bridge")
+            return "bridge"
+        return "dummy"
+
+    def _add_link(self, name: str, kind: str) -> None:
+        msg = ifinfmsg()
+        msg["attrs"] = [("IFLA_IFNAME", name), ("IFLA_LINKINFO", {"attrs": [("IFLA_INFO_KIND", kind)]})]
+        self._request(msg, RTM_NEWLINK, CREATE, f"create {kind} link {name}")
+
+    def set_group(self, name: str, group: int) -> None:
+        """Put link ``name`` in interface group ``group`` (0 is every link's default group)."""
+        msg = ifinfmsg()
+        msg["index"] = socket.if_nametoindex(name)
+        msg["attrs"] = [("IFLA_GROUP", group)]
+        self._request(msg, RTM_NEWLINK, CHANGE, f"put {name} in group {group}")
 
     def set_up(self, name: str) -> None:
         msg = ifinfmsg()
@@ -131,7 +167,7 @@ class Rtnl:
         try:
             self._request(msg, RTM_DELLINK, CHANGE, f"delete {name}")
         except OSError as exc:
-            if exc.errno == 19:  # ENODEV: gone meanwhile
+            if exc.errno == errno.ENODEV:  # gone meanwhile
                 return False
             raise
         return True

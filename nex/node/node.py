@@ -28,7 +28,7 @@ import fcntl
 import os
 import shutil
 import signal
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import trio
@@ -145,39 +145,46 @@ class Node:
                 identity="ephemeral" if self.ephemeral else "persistent",
             )
             log.info("Use this key as the recipient for encrypted run requests", public_xkey=identity.public_xkey)
-            colocate = self.config.bus_thread_affinity == "colocate"
-            host_objects = CleanupStack(journal=self._journal, owner="node")
-            async with (
-                host_objects,
-                open_asyncio_thread(colocate=colocate) as aio,
-                trio.open_nursery() as nursery,
-            ):
-                nursery.start_soon(self._watch_signals, state)
-                if self._networks is not None and self._networks.namespaced:
-                    nursery.start_soon(trio.to_thread.run_sync, netns.warm_up)
-                with trio.CancelScope() as startup:
-                    self._startup = startup
-                    publisher = await self._start_tree(nursery, state, aio, host_objects)
-                    publisher.emit(
-                        events.NODE_STARTED,
-                        events.NodeStartedData(version=state.version, id=state.node_id, tags=state.tags()),
-                    )
-                    log.info("Node is ready", node=state.node_id, name=state.name)
-                self._startup = None
-                await state.stop_requested.wait()
-                log.info("Stopping node", reason=state.stop_reason)
-                if not startup.cancelled_caught:
-                    with trio.CancelScope() as self._graceful, trio.move_on_after(5):
-                        await publisher.emit_flushed(
-                            events.NODE_STOPPED,
-                            events.NodeStoppedData(id=state.node_id, graceful=state.failure is None),
-                        )
-                nursery.cancel_scope.cancel()
+            # Watched to the very end: a signal during the teardown must not kill the node half-way (its
+            # default action, or trio re-delivering one nobody read), leaving what it had yet to release.
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async with trio.open_nursery() as watcher:
+                    watcher.start_soon(self._watch_signals, state, signals)
+                    try:
+                        await self._serve(state)
+                    finally:
+                        watcher.cancel_scope.cancel()
             if state.failure is not None:
                 log.error("Node stopped after a failure", error=str(state.failure))
                 return 1
             log.info("Node stopped", node=state.node_id)
             return 0
+
+    async def _serve(self, state: NodeState) -> None:
+        """Start the tree, serve until asked to stop, and tear everything down (host objects last)."""
+        colocate = self.config.bus_thread_affinity == "colocate"
+        host_objects = CleanupStack(journal=self._journal, owner="node")
+        async with host_objects, open_asyncio_thread(colocate=colocate) as aio, trio.open_nursery() as nursery:
+            if self._networks is not None and self._networks.namespaced:
+                nursery.start_soon(trio.to_thread.run_sync, netns.warm_up)
+            with trio.CancelScope() as startup:
+                self._startup = startup
+                publisher = await self._start_tree(nursery, state, aio, host_objects)
+                publisher.emit(
+                    events.NODE_STARTED,
+                    events.NodeStartedData(version=state.version, id=state.node_id, tags=state.tags()),
+                )
+                log.info("Node is ready", node=state.node_id, name=state.name)
+            self._startup = None
+            await state.stop_requested.wait()
+            log.info("Stopping node", reason=state.stop_reason)
+            if not startup.cancelled_caught:
+                with trio.CancelScope() as self._graceful, trio.move_on_after(5):
+                    await publisher.emit_flushed(
+                        events.NODE_STOPPED,
+                        events.NodeStoppedData(id=state.node_id, graceful=state.failure is None),
+                    )
+            nursery.cancel_scope.cancel()
 
     async def _start_tree(
         self, nursery: trio.Nursery, state: NodeState, aio: AsyncioThread, host_objects: CleanupStack
@@ -367,18 +374,17 @@ class Node:
             return f"nats://{DEFAULT_CONTROL_HOST}:{DEFAULT_CONTROL_PORT}"
         return None
 
-    async def _watch_signals(self, state: NodeState) -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                name = signal.Signals(signum).name
-                if not state.stop_requested.is_set():
-                    state.request_stop(f"received {name}")
-                    if self._startup is not None:
-                        self._startup.cancel()
-                    continue
-                log.warning("Second signal: stopping now (resources are still released)", signal=name)
-                if self._graceful is not None:
-                    self._graceful.cancel()
+    async def _watch_signals(self, state: NodeState, signals: AsyncIterator[int]) -> None:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if not state.stop_requested.is_set():
+                state.request_stop(f"received {name}")
+                if self._startup is not None:
+                    self._startup.cancel()
+                continue
+            log.warning("Second signal: stopping now (resources are still released)", signal=name)
+            if self._graceful is not None:
+                self._graceful.cancel()
 
 
 class _StateDirLock:

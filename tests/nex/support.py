@@ -439,6 +439,20 @@ def environment(pid: int) -> dict[str, str]:
     return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
 
 
+def workload_pids(vmid: str) -> list[int]:
+    """The machine's workload processes (what runs ``/app/workload`` in its cgroup), as the host sees them."""
+    from nex.sandbox import cgroups
+    from nex.vm import ids
+
+    procs = cgroups.Hierarchy.detect().paths(ids.short(vmid))[0] / "cgroup.procs"
+    found = []
+    for pid in procs.read_text().split():
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] == b"/app/workload":
+                found.append(int(pid))
+    return found
+
+
 def nkey_seed_in_memory(pid: int) -> str:
     """The nkey user seed in a process's memory, as an attacker with CAP_SYS_PTRACE over it would find it.
 

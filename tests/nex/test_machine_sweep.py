@@ -24,6 +24,8 @@ from nex.bus.server import NatsServer, free_port
 from nex.config import load
 from nex.net import netns
 from nex.net.network import Networks
+from nex.sandbox import cgroups
+from nex.sandbox.policy import HostSupport, Sandbox
 from nex.vm import ids
 from nex.vm.drivers.process import ProcessDriver
 from nex.vm.handshake import HandshakeBook, Handshakes
@@ -36,6 +38,13 @@ pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(not netns.has_capabilities(), reason="needs CAP_NET_ADMIN and CAP_SYS_ADMIN (run as root)"),
 ]
+
+
+HIERARCHY = cgroups.Hierarchy.detect() if netns.has_capabilities() else None
+#: the real host, as a root node finds it: cgroups on, and the jail's other parts (built by the agent)
+HOST = HostSupport(
+    privileged=True, namespaced=True, user_namespaces=None, seccomp=None, cgroups=HIERARCHY or "", fence=None
+)
 
 
 def live_children(parent: int) -> list[int]:
@@ -70,7 +79,7 @@ async def machine_parts(tmp_path: Path) -> AsyncIterator[tuple[MachineDeps, Agen
         await nursery.start(Handshakes(link, book.waiting).run, Mailbox(1024, name="handshakes"))
         await nursery.start(zygote.run)
         deps = MachineDeps(
-            driver=ProcessDriver(networks, zygote),
+            driver=ProcessDriver(networks, zygote, Sandbox(config, HOST)),
             credentials=credentials,
             handshakes=book,
             vm_root=tmp_path / "vm",
@@ -105,6 +114,7 @@ async def test_machine_start_cancelled_at_every_step_leaves_nothing(
         assert ids.short(vmid) not in netns.namespaces("nx"), f"netns left {where}"
         assert ids.host_link(vmid) not in netns.links("nx"), f"veth left {where}"
         assert deps.driver.networks.ipam.leases() == {}, f"lease left {where}"  # type: ignore[attr-defined]
+        assert not any(path.exists() for path in HIERARCHY.paths(ids.short(vmid))), f"cgroup left {where}"
         assert not (deps.vm_root / vmid).exists(), f"state dir left {where}"
         assert deps.journal is not None
         assert deps.journal.records() == [], f"journal record left {where}"
@@ -116,6 +126,6 @@ async def test_machine_start_cancelled_at_every_step_leaves_nothing(
     with trio.fail_after(600):
         swept = await cancel_at_each_checkpoint(scenario, check)
     print(f"swept {swept} cancellation points")
-    assert swept >= 20, "a machine's start-up has many steps: netlink, credentials, launch, handshake"
+    assert swept >= 20, "a machine's start-up has many steps: netlink, cgroup, credentials, launch, handshake"
     assert reached_ready, "the last run must complete"
     assert processes_mentioning(str(tmp_path / "vm")) == {}

@@ -203,6 +203,17 @@ def test_sigint_twice_still_tears_everything_down(home: Path, nats_server: NatsS
     assert processes_mentioning(str(node.state_dir)) == {}
 
 
+def test_a_signal_during_the_teardown_does_not_cut_it_short(home: Path, nats_server: NatsServerProc, bus: Bus) -> None:
+    """A node stopping on its own (lame duck, nothing to wait for) gets SIGTERM while it tears down its
+    machines: it must finish, not die of the signal's default action and leave them behind."""
+    node = NodeProcess(home, "--pool-size", "8", server=nats_server.url).start(bus, timeout=60)
+    assert run_cli("lameduck", node.node_id, "-s", nats_server.url).returncode == 0
+    node.wait_log("Stopping node")
+    node.signal(signal.SIGTERM)
+    assert node.wait() == 0
+    assert "Node stopped" in node.log()
+
+
 def test_sigkill_of_the_node_leaves_no_nats_server(home: Path, nats_server: NatsServerProc, bus: Bus) -> None:
     node = NodeProcess(home, server=nats_server.url).start(bus)
     server_pid = internal_server_pid(node)

@@ -218,7 +218,8 @@ def test_without_namespace_capabilities_machines_use_loopback_and_say_so(
     node = NodeProcess(home, "--pool-size", "2", server=nats_server.url)
     node.argv = ["setpriv", "--bounding-set", "-net_admin,-sys_admin", "--", *node.argv]
     node.start(bus)
-    assert "Machines will share the host's loopback network: this process lacks CAP_NET_ADMIN" in node.log()
+    assert "Machines will share the host's loopback network, and workloads get none: this process lacks" in node.log()
+    assert "Sandbox protection missing on this host protection=cgroups" in node.log()
     info = node.info(bus)
     assert [m.state for m in info.pool] == ["ready", "ready"]
     assert all(ids.short(m.id) not in netns.namespaces("nx") for m in info.pool)
@@ -245,7 +246,7 @@ def test_the_zygote_falls_back_to_spawn_when_forking_would_be_unsafe(
     assert "threads: forking it would not be safe" in node.log()
     assert [m.state for m in node.info(bus).pool] == ["ready", "ready"]
     agents = without_launchpads(processes_mentioning(str(node.state_dir)), set(agents_of(node).values()))
-    assert sum("-m nex.agent --machine" in cmd for cmd in agents.values()) == 2, agents
+    assert sum("-m nex.agent --metadata-fd" in cmd for cmd in agents.values()) == 2, agents
     started = time.monotonic()
     assert node.stop() == 0
     assert time.monotonic() - started < 30

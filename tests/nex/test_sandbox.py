@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from nex import crypto
+from nex.api import control
 from nex.net import netns
 from nex.sandbox import cgroups
 from nex.vm import ids
@@ -118,6 +119,18 @@ class Tenant:
         assert info.returncode == 0, info.stderr
 
 
+def ready_pool(node: NodeProcess, bus: Bus, size: int, timeout: float = 20) -> list[control.PoolMember]:
+    """The pool's members, oldest first, once ``size`` of them are ready (each round a real request)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pool = node.info(bus).pool
+        if len(pool) == size and all(member.state == "ready" for member in pool):
+            return pool
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the pool did not refill to {size} ready machines: {pool}")
+        bus.run(bus.nc.flush())
+
+
 def attacks(lines: list[str]) -> dict[str, tuple[str, str]]:
     """``ATTACK name status detail`` lines as name -> (status, detail)."""
     found = {}
@@ -188,10 +201,11 @@ def test_a_hostile_tenant_cannot_reach_out_of_its_jail(
     owned.mkdir()
     victim = owned / "victim"
     victim.mkdir()
-    other = tenant.run(binaries.echo, "echo", [], {"NATS_URL": f"nats://{GATEWAY}:1", "ECHO_SUBJECT": "x"})
+    other = tenant.run(binaries.hostile, "other", ["escape_pidns"], {"TENANT_SECRET": "sealed-for-other"})
+    tenant.lines(other)  # it runs, and stays until stopped
     vm_root = node.state_dir / "vm" / "system" / node.info(obus).tags["node_name"]
-    pool = {member.id: member.ip for member in node.info(obus).pool}
-    next_tenant, next_ip = next(iter(pool.items()))  # the oldest ready machine: the next deploy's
+    # deploys take the oldest ready machine: the attacker gets the first, the next tenant the second
+    _, (next_tenant, next_ip) = [(member.id, member.ip) for member in ready_pool(node, obus, 2)]
     record = {"kind": "dir", "name": "planted", "data": {"path": str(victim)}, "owner": "x", "pid": 1, "created": 0}
     env = {
         "READ_1": f"node_key={node.state_dir / 'node.nk'}",
@@ -199,7 +213,7 @@ def test_a_hostile_tenant_cannot_reach_out_of_its_jail(
         "READ_3": f"issuer_key={user_keys / 'issuer.nk'}",
         "READ_4": "shadow=/etc/shadow",
         "READ_5": f"other_machine={vm_root / other}",
-        "READ_6": f"other_environ=/proc/{pid_with_env('ECHO_SUBJECT=x')}/environ",
+        "READ_6": f"other_environ=/proc/{pid_with_env('TENANT_SECRET=sealed-for-other')}/environ",
         "HOST_PID": str(node.proc.pid if node.proc else 0),
         "HOST_PIDS_MIN": "10",
         "MEM_PID": str(bystander),
@@ -359,5 +373,8 @@ def test_what_a_workload_starts_is_gone_after_nex_stop(
     tenant.stop(vmid, "echo")
     assert tenant.stopped(vmid)["id"] == vmid
     assert wait_gone(list(members), timeout=10) == [], "a process of the machine outlived it"
-    assert not any(Path(p).exists() for p in paths), "the machine's cgroup outlived it"
+    deadline = time.monotonic() + 10  # the machine's teardown removes it once its processes are gone
+    while any(Path(p).exists() for p in paths):
+        assert time.monotonic() < deadline, "the machine's cgroup outlived it"
+        obus.run(obus.nc.flush())
     assert node.stop() == 0

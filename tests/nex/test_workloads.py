@@ -26,7 +26,7 @@ from nex.api import control
 from nex.net import netns
 from nex.workload import request as workload_request
 
-from .support import Bus, Follower, NatsServerProc, NodeProcess, processes_mentioning, run_cli
+from .support import Bus, Follower, NatsServerProc, NodeProcess, processes_mentioning, run_cli, workload_pids
 from .workloads import Binaries, Requester, started
 
 pytestmark = pytest.mark.integration
@@ -48,6 +48,11 @@ def needs_namespaces() -> None:
 
 def echo_env(server: NatsServerProc, subject: str, prefix: str = "") -> dict[str, str]:
     return {"NATS_URL": f"nats://{GATEWAY}:{server.port}", "ECHO_SUBJECT": subject, "ECHO_PREFIX": prefix}
+
+
+def reach(server: NatsServerProc) -> list[str]:
+    """The fence's opening that lets workloads talk to the control server, at their gateway."""
+    return ["--allow", f"{GATEWAY}:{server.port}"]
 
 
 def config_file(home: Path, **settings: object) -> str:
@@ -87,7 +92,7 @@ def test_a_static_echo_service_runs_with_its_sealed_environment_logs_and_stops(
     home: Path, open_nats_server: NatsServerProc, obus: Bus, binaries: Binaries
 ) -> None:
     needs_namespaces()
-    node = NodeProcess(home, "--pool-size", "2", server=open_nats_server.url).start(obus)
+    node = NodeProcess(home, "--pool-size", "2", *reach(open_nats_server), server=open_nats_server.url).start(obus)
     events = obus.collect("$NEX.events.default.*")
     logs = obus.collect(f"$NEX.logs.default.{node.node_id}.echo.*")
     (home / "bin").mkdir()
@@ -162,7 +167,7 @@ def test_bad_deploys_are_refused_with_their_reason_and_take_no_machine(
     needs_namespaces()
     alice, mallory = Requester(obus), Requester(obus)
     config = config_file(home, valid_issuers=[alice.issuer], machine_pool_size=2)
-    node = NodeProcess(home, "--config", config, server=open_nats_server.url).start(obus)
+    node = NodeProcess(home, "--config", config, *reach(open_nats_server), server=open_nats_server.url).start(obus)
     target = node.ping(obus)
     other_node = msgspec.structs.replace(target, target_xkey=crypto.XKey.generate().public_key)
     echo = alice.upload(binaries.echo, "echo")
@@ -219,7 +224,7 @@ def test_stop_needs_the_deploying_issuer_and_a_fresh_jwt(
 ) -> None:
     needs_namespaces()
     alice, mallory = Requester(obus), Requester(obus)
-    node = NodeProcess(home, server=open_nats_server.url).start(obus)
+    node = NodeProcess(home, *reach(open_nats_server), server=open_nats_server.url).start(obus)
     target = node.ping(obus)
     echo = alice.upload(binaries.echo, "echo")
     now = int(time.time())
@@ -266,7 +271,7 @@ def test_processes_a_workload_leaves_behind_end_with_it(
     """A daemon (double fork, own session) outlives neither a workload that exits nor one stopped."""
     needs_namespaces()
     alice = Requester(obus)
-    node = NodeProcess(home, "--pool-size", "2", server=open_nats_server.url).start(obus)
+    node = NodeProcess(home, "--pool-size", "2", *reach(open_nats_server), server=open_nats_server.url).start(obus)
     events = obus.collect("$NEX.events.default.*")
     logs = obus.collect(f"$NEX.logs.default.{node.node_id}.>")
     target = node.ping(obus)
@@ -302,7 +307,7 @@ def test_a_workload_that_exits_at_once_is_still_reported_started_then_stopped(
     tests/nex/test_machine_order.py): the deploy succeeds and both events come, every time."""
     needs_namespaces()
     alice = Requester(obus)
-    node = NodeProcess(home, "--pool-size", "2", server=open_nats_server.url).start(obus)
+    node = NodeProcess(home, "--pool-size", "2", *reach(open_nats_server), server=open_nats_server.url).start(obus)
     events = obus.collect("$NEX.events.default.*")
     target = node.ping(obus)
     echo = alice.upload(binaries.echo, "echo")
@@ -322,7 +327,7 @@ def test_a_verified_artifact_is_reused_only_while_the_store_still_holds_it(
 ) -> None:
     needs_namespaces()
     alice = Requester(obus)
-    node = NodeProcess(home, "--pool-size", "2", server=open_nats_server.url).start(obus)
+    node = NodeProcess(home, "--pool-size", "2", *reach(open_nats_server), server=open_nats_server.url).start(obus)
     target = node.ping(obus)
     echo = alice.upload(binaries.echo, "echo")
     body = alice.deploy_body(target, echo, "echo", echo_env(open_nats_server, "echo.cache", "1:"))
@@ -351,7 +356,7 @@ def test_an_essential_workload_that_fails_is_restarted_with_backoff_up_to_its_li
     alice = Requester(obus)
     backoff_ms, limit = 300, 2
     config = config_file(home, essential_restart_limit=limit, essential_backoff_ms=backoff_ms)
-    node = NodeProcess(home, "--config", config, server=open_nats_server.url).start(obus)
+    node = NodeProcess(home, "--config", config, *reach(open_nats_server), server=open_nats_server.url).start(obus)
     events = obus.collect("$NEX.events.default.*")
     target = node.ping(obus)
     failing = alice.upload(binaries.echo, "failing")
@@ -386,7 +391,7 @@ def test_lame_duck_refuses_deploys_drops_essential_and_exits_once_the_workload_e
 ) -> None:
     needs_namespaces()
     alice = Requester(obus)
-    node = NodeProcess(home, server=open_nats_server.url).start(obus)
+    node = NodeProcess(home, *reach(open_nats_server), server=open_nats_server.url).start(obus)
     events = obus.collect("$NEX.events.>")
     target = node.ping(obus)
     echo = alice.upload(binaries.echo, "echo")
@@ -403,7 +408,7 @@ def test_lame_duck_refuses_deploys_drops_essential_and_exits_once_the_workload_e
     still = node.ping(obus)  # the node waits for its workload
     assert still.running_machines == 1
     assert still.tags["nex.lameduck"] == "true"
-    (pid,) = processes_mentioning(f"workload-{workload.id}")
+    (pid,) = workload_pids(workload.id)
     os.kill(pid, signal.SIGKILL)  # an essential workload failing: in lame duck it is not restarted
     ended = events.wait("default.workload_stopped", source=node.node_id)
     assert ended["data"]["code"] == -9
