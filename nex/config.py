@@ -28,8 +28,11 @@ KNOWN_WORKLOAD_TYPES = ("native", "elf")
 UID_BASE = 0x7000_0000
 """Host uids of machines start here: far above any login or system user, and above the ranges that
 systemd-nspawn and rootless containers hand out."""
-RESERVED_TARGETS = ("/", "/app", "/dev", "/etc/hosts", "/etc/passwd", "/etc/group", "/etc/resolv.conf")
-RESERVED_TARGETS += ("/proc", "/tmp", "/work")
+RESERVED_TARGETS = (
+    *("/", "/app", "/dev", "/proc", "/tmp", "/work"),
+    *("/etc/hosts", "/etc/passwd", "/etc/group", "/etc/resolv.conf"),
+)
+"""What the jail makes itself: an operator's bind mount may not cover these, nor sit inside them."""
 
 #: documented key -> the key nex's code reads (and this node stores)
 ALIASES = {"kernel_path": "kernel_filepath", "rootfs_path": "rootfs_filepath"}

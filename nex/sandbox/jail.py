@@ -50,8 +50,12 @@ from . import seccomp
 ARTIFACT = "/app/workload"
 WORKDIR = "/work"
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
-_DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"))
-_DEV_LINKS += (("stderr", "/proc/self/fd/2"),)
+_DEV_LINKS = (
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+)
 _RO = linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV
 _SCRATCH = (("tmp", 0o1777, "/tmp"), ("work", 0o700, WORKDIR), ("shm", 0o1777, "/dev/shm"))
 
