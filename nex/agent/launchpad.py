@@ -228,6 +228,9 @@ def _run_init(parent: int, contained: bool, pipes: _InitPipes, jail: api.Jail | 
         for sig in FORWARDED:
             signal.signal(sig, forward)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())  # the workload inherits the mask
+        # out of its machine's memory, the kernel kills the workload first, not its agent
+        with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as adj:
+            adj.write("1000")
         failure, built = "", None
         if jail is not None:
             try:

@@ -30,7 +30,7 @@ from actors import CleanupStack, Journal, ResourceRecord, recover
 from nex import logs
 from nex.bus.server import free_port
 from nex.config import NodeConfig
-from nex.net import fence, netns
+from nex.net import netns
 from nex.net.network import Networks
 from nex.sandbox import cgroups
 from nex.sandbox.policy import Sandbox
@@ -89,31 +89,41 @@ class HostObjects:
         await trio.to_thread.run_sync(netns.create_gateway_link, self.gateway_link, gateway)
         port = port or free_port(gateway)
         if self.sandbox.fence:
-            plan = fence.FencePlan(
-                table=self.stem,
-                group=self.networks.group,
-                gateway=gateway,
-                port=port,
-                subnet=str(self.networks.subnet),
-                openings=tuple(
-                    fence.Opening(cidr=o.cidr, port=o.port, protocol=o.protocol) for o in self.config.sandbox.allow
-                ),
-                masquerade=self.config.sandbox.masquerade,
-            )
             stack.push(
-                f"fence {plan.table}",
-                lambda: trio.to_thread.run_sync(fence.remove, plan.table),
+                f"fence {self.stem}",
+                lambda: trio.to_thread.run_sync(_remove_fence, self.stem),
                 kind="fence",
-                data={"table": plan.table},
+                data={"table": self.stem},
             )
-            await trio.to_thread.run_sync(fence.install, plan)
-            log.info(
-                "Network fence up",
-                table=f"inet {plan.table}",
-                reaches=f"{gateway}:{port}",
-                openings=", ".join(f"{o.cidr}:{o.port or '*'}/{o.protocol}" for o in plan.openings) or "none",
-            )
+            openings = await trio.to_thread.run_sync(self._install_fence, gateway, port)
+            log.info("Network fence up", table=f"inet {self.stem}", reaches=f"{gateway}:{port}", openings=openings)
         return gateway, port
+
+    def _install_fence(self, gateway: str, port: int) -> str:
+        """Install the fence (blocking); its openings, said as an operator reads them.
+
+        Raises:
+            OSError: the kernel refused it (no nf_tables, no CAP_NET_ADMIN): the node does not start.
+        """
+        from nex.net import fence  # pyroute2 takes ~0.1 s to import: here, off the Trio thread
+
+        wanted = self.config.sandbox
+        plan = fence.FencePlan(
+            table=self.stem,
+            group=self.networks.group,
+            gateway=gateway,
+            port=port,
+            subnet=str(self.networks.subnet),
+            openings=tuple(fence.Opening(cidr=o.cidr, port=o.port, protocol=o.protocol) for o in wanted.allow),
+            masquerade=wanted.masquerade,
+        )
+        try:
+            fence.install(plan)
+        except OSError as exc:
+            raise OSError(
+                exc.errno, f"{exc.strerror} (sandbox.fence=false runs the machines without a fence)"
+            ) from None
+        return ", ".join(f"{o.cidr}:{o.port or '*'}/{o.protocol}" for o in plan.openings) or "none"
 
     async def recover(self, journal: Journal) -> list[ResourceRecord]:
         """Release, from the journal, what a node that did not stop cleanly left behind."""
@@ -156,7 +166,13 @@ class HostObjects:
         await trio.to_thread.run_sync(netns.delete_link, str(record.data["link"]))
 
     async def _drop_fence(self, record: ResourceRecord) -> None:
-        await trio.to_thread.run_sync(fence.remove, str(record.data["table"]))
+        await trio.to_thread.run_sync(_remove_fence, str(record.data["table"]))
+
+
+def _remove_fence(table: str) -> None:
+    from nex.net import fence  # imported late, as in HostObjects._install_fence
+
+    fence.remove(table)
 
 
 def _only_ours(

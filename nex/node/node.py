@@ -53,7 +53,7 @@ from nex.bus.link import NatsLink
 from nex.bus.server import NatsServer, nats_answers
 from nex.config import NodeConfig
 from nex.crypto import NodeIdentity
-from nex.net import fence, netns
+from nex.net import netns
 from nex.net.network import Networks
 from nex.sandbox import cgroups, support
 from nex.sandbox.policy import HostSupport, Sandbox
@@ -317,7 +317,7 @@ class Node:
         starts: the user-namespace probe forks)."""
         if self.config.no_sandbox:
             log.warning("Workloads are NOT jailed (no_sandbox): each runs as root on this host, unlimited")
-            return Sandbox(self.config, HostSupport(False, networks.namespaced, None, None, "off", None))
+            return Sandbox(self.config, HostSupport(False, networks.namespaced, None, None, "off"))
         privileged = support.privileged()
         wanted = self.config.sandbox
         try:
@@ -332,7 +332,6 @@ class Node:
             else None,
             seccomp=support.seccomp_filter() if wanted.seccomp else None,
             cgroups=hierarchy,
-            fence=(fence.available() if networks.namespaced else None) if wanted.fence else None,
         )
         sandbox = Sandbox(self.config, host)
         log.info("Sandbox", jail=", ".join(str(p) for p in sandbox.protections if p.state == "on"))

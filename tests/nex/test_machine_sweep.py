@@ -42,9 +42,7 @@ pytestmark = [
 
 HIERARCHY = cgroups.Hierarchy.detect() if netns.has_capabilities() else None
 #: the real host, as a root node finds it: cgroups on, and the jail's other parts (built by the agent)
-HOST = HostSupport(
-    privileged=True, namespaced=True, user_namespaces=None, seccomp=None, cgroups=HIERARCHY or "", fence=None
-)
+HOST = HostSupport(privileged=True, namespaced=True, user_namespaces=None, seccomp=None, cgroups=HIERARCHY or "")
 
 
 def live_children(parent: int) -> list[int]:
