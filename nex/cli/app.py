@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from cyclopts import App, Parameter
 from nats.aio.msg import Msg
+from rich.markup import escape
 
 from nex import __version__
 from nex.api import control, subjects
@@ -57,7 +58,8 @@ class Query:
 
 
 def _fail(message: str, code: int = 1) -> int:
-    render.console(stderr=True).print(f"[red]error:[/red] {message}", markup=True, highlight=False)
+    text = f"[red]error:[/red] {escape(message)}"  # a message may hold brackets: [/PREFIX], $.x[0]
+    render.console(stderr=True).print(text, markup=True, highlight=False)
     return code
 
 

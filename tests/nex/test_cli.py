@@ -12,6 +12,8 @@ import pytest
 from .support import Bus, Follower, NatsServerProc, run_cli
 
 UP_FLAGS = (
+    "--allow",
+    "--no-sandbox",
     "--config",
     "--state-dir",
     "--ephemeral",
@@ -56,6 +58,8 @@ def test_up_help_documents_every_flag() -> None:
         (("run", "/bin/true", "--name", "two words"), "--name: 'two words' is not a workload name"),
         (("run", "/no/such/file"), "cannot read /no/such/file: No such file or directory"),
         (("logs", "--timeout", "later"), "--timeout: 'later' is not a duration"),
+        (("up", "--allow", "10.0.0.1:http"), "--allow 10.0.0.1:http: the port must be a number"),
+        (("up", "--allow", "gateway:4222"), "an opening's cidr must be an IP network such as 192.168.127.1/32"),
     ],
 )
 def test_bad_flags_exit_2_and_say_why(args: tuple[str, ...], message: str) -> None:

@@ -122,6 +122,48 @@ def test_keys_nex_knows_but_this_node_does_not_apply_are_flagged(tmp_path: Path)
         ),
         ({"tags": {"nex.os": "plan9"}}, "tag nex.os is set by the node itself; remove it at $.tags.nex.os"),
         ({"driver": "firecracker"}, "Invalid enum value 'firecracker' at $.driver"),
+        (
+            {"machine_template": {"pids_max": 2}},
+            "machine_template.pids_max must be >= 8 at $.machine_template.pids_max",
+        ),
+        (
+            {"machine_template": {"cpuset": "all"}},
+            "machine_template.cpuset must be a CPU list such as 0-1 or 0,2 at $.machine_template.cpuset",
+        ),
+        (
+            {"sandbox": {"uid_base": 0}},
+            "sandbox.uid_base must leave room for 256 machines between 1000 and 4294967294 (and name no real user) "
+            "at $.sandbox.uid_base",
+        ),
+        (
+            {"sandbox": {"mounts": [{"source": "etc/ssl"}]}},
+            "a mount's source must be an absolute host path at $.sandbox.mounts[0].source",
+        ),
+        (
+            {"sandbox": {"mounts": [{"source": "/srv", "target": "/srv/../proc"}]}},
+            "a mount's target must be an absolute path without '..' at $.sandbox.mounts[0].target",
+        ),
+        (
+            {"sandbox": {"mounts": [{"source": "/etc"}]}},
+            "/etc is part of the jail itself; mount somewhere else at $.sandbox.mounts[0].target",
+        ),
+        (
+            {"sandbox": {"mounts": [{"source": "/x", "target": "/proc/sys"}]}},
+            "/proc/sys is part of the jail itself; mount somewhere else at $.sandbox.mounts[0].target",
+        ),
+        (
+            {"sandbox": {"allow": [{"cidr": "10.1.2.3/33"}]}},
+            "an opening's cidr must be an IP network such as 192.168.127.1/32 at $.sandbox.allow[0].cidr",
+        ),
+        (
+            {"sandbox": {"allow": [{"cidr": "10.0.0.0/8", "port": 70000}]}},
+            "an opening's port must be between 0 (any) and 65535 at $.sandbox.allow[0].port",
+        ),
+        (
+            {"sandbox": {"allow": [{"cidr": "10.0.0.0/8", "protocol": "icmp"}]}},
+            "Invalid enum value 'icmp' at $.sandbox.allow[0].protocol",
+        ),
+        ({"sandbox": {"nameservers": ["dns"]}}, "a nameserver must be an IP address at $.sandbox.nameservers[0]"),
         ([], "the config must be a JSON object at $"),
     ],
 )
@@ -140,6 +182,24 @@ def test_malformed_json_and_missing_files_are_clear(tmp_path: Path) -> None:
     assert "trailing comma" in bad
     with pytest.raises(config.ConfigError, match="does not exist"):
         config.load(tmp_path / "missing.json")
+
+
+def test_the_sandbox_is_on_by_default_and_openings_from_flags_add_to_the_files(tmp_path: Path) -> None:
+    cfg = config.load(None).config
+    assert (cfg.no_sandbox, cfg.sandbox.user_namespace, cfg.sandbox.seccomp, cfg.sandbox.cgroups) == (
+        False,
+        True,
+        True,
+        True,
+    )
+    assert (cfg.sandbox.fence, cfg.sandbox.allow, cfg.machine_template.pids_max) == (True, [], 1024)
+    path = tmp_path / "c.json"
+    path.write_text('{"sandbox": {"allow": [{"cidr": "10.0.0.0/8", "port": 443}]}}')
+    cfg = config.load(path, openings=[{"cidr": "192.168.127.1/32", "port": 4222}]).config
+    assert [(o.cidr, o.port, o.protocol) for o in cfg.sandbox.allow] == [
+        ("10.0.0.0/8", 443, "tcp"),
+        ("192.168.127.1/32", 4222, "tcp"),
+    ]
 
 
 def test_flags_override_the_file(tmp_path: Path) -> None:
