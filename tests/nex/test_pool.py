@@ -197,6 +197,20 @@ def test_agents_cannot_use_each_others_subjects(home: Path, nats_server: NatsSer
     assert node.stop() == 0
 
 
+def test_the_zygote_starts_from_a_minimal_environment(home: Path, nats_server: NatsServerProc, bus: Bus) -> None:
+    """Not the operator's: nothing of it reaches the agents (nor, through them, a workload)."""
+    node = NodeProcess(home, server=nats_server.url)
+    node.argv = ["env", "NEX_TEST_OPERATOR_SECRET=s3cret", *node.argv]
+    node.start(bus)
+    agent_pids = set(agents_of(node).values())
+    ours = without_launchpads(processes_mentioning(str(node.state_dir)), agent_pids)
+    (zygote,) = [pid for pid, cmd in ours.items() if "nex.vm.zygote" in cmd and pid not in agent_pids]
+    assert node.proc is not None
+    assert environment(node.proc.pid)["NEX_TEST_OPERATOR_SECRET"] == "s3cret"
+    assert set(environment(zygote)) <= {"PATH", "LANG", "PYTHONPATH"}, environment(zygote)
+    assert node.stop() == 0
+
+
 def test_stopping_a_node_with_16_machines_leaves_nothing_behind(
     home: Path, nats_server: NatsServerProc, bus: Bus
 ) -> None:
