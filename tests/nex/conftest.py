@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,6 +39,17 @@ def open_nats_server(home: Path) -> Iterator[NatsServerProc]:
     server = NatsServerProc(home, host="0.0.0.0").start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def bystander() -> Iterator[int]:
+    """A harmless host process of the test's own, whose pid and memory a hostile workload goes for."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.fixture(scope="session")

@@ -12,10 +12,8 @@ import asyncio
 import ctypes
 import errno
 import os
-import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +23,7 @@ from nex.agent.launchpad import LaunchFailed, Launchpad
 from nex.api import agent as api
 from nex.sandbox import seccomp
 
-from .workloads import Binaries
+from .workloads import Binaries, attacks
 
 pytestmark = [
     pytest.mark.integration,
@@ -51,26 +49,6 @@ def run(spec: api.Jail | None, workdir: Path, artifact: bytes, argv: list[str], 
         return out.decode().splitlines()
 
     return asyncio.run(main())
-
-
-def attacks(lines: list[str]) -> dict[str, tuple[str, str]]:
-    found = {}
-    for line in lines:
-        if line.startswith("ATTACK "):
-            _, name, status, *detail = line.split(" ", 3)
-            found[name] = (status, detail[0] if detail else "")
-    return found
-
-
-@pytest.fixture
-def bystander() -> Iterator[int]:
-    """A harmless host process of the test's own, whose pid and memory the attacker goes for."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    try:
-        yield proc.pid
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def escape_env(tmp_path: Path, bystander: int) -> dict[str, str]:

@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -32,7 +31,7 @@ from nex.vm import ids
 from nex.workload import request as workload_request
 
 from .support import Bus, NatsServerProc, NodeProcess, run_cli, wait_gone
-from .workloads import Binaries, Requester, started
+from .workloads import Binaries, Requester, attacks, started
 
 pytestmark = [
     pytest.mark.integration,
@@ -131,16 +130,6 @@ def ready_pool(node: NodeProcess, bus: Bus, size: int, timeout: float = 20) -> l
         bus.run(bus.nc.flush())
 
 
-def attacks(lines: list[str]) -> dict[str, tuple[str, str]]:
-    """``ATTACK name status detail`` lines as name -> (status, detail)."""
-    found = {}
-    for line in lines:
-        if line.startswith("ATTACK "):
-            _, name, status, *detail = line.split(" ", 3)
-            found[name] = (status, detail[0] if detail else "")
-    return found
-
-
 def pid_with_env(marker: str) -> int:
     """A host process whose environment holds ``marker`` (the other tenant's workload)."""
     for entry in os.scandir("/proc"):
@@ -149,17 +138,6 @@ def pid_with_env(marker: str) -> int:
                 if marker.encode() in Path(entry.path, "environ").read_bytes():
                     return int(entry.name)
     raise AssertionError(f"no process with {marker} in its environment")
-
-
-@pytest.fixture
-def bystander() -> Iterator[int]:
-    """A harmless host process whose memory the attacker tries to write."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    try:
-        yield proc.pid
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture

@@ -62,6 +62,16 @@ def build(directory: Path) -> Binaries:
     )
 
 
+def attacks(lines: list[str]) -> dict[str, tuple[str, str]]:
+    """hostile.c's ``ATTACK name status detail`` lines as name -> (status, detail)."""
+    found = {}
+    for line in lines:
+        if line.startswith("ATTACK "):
+            _, name, status, *detail = line.split(" ", 3)
+            found[name] = (status, detail[0] if detail else "")
+    return found
+
+
 class Requester:
     """Someone deploying workloads: an issuer account key, an xkey, and a client on the test's bus."""
 
