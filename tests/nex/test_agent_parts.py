@@ -5,6 +5,7 @@ real nats-server."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -78,25 +79,56 @@ def test_an_unused_launchpad_goes_away_when_closed(tmp_path: Path) -> None:
         os.waitpid(pad.pid, os.WNOHANG)
 
 
-def test_the_workload_and_what_it_started_die_with_a_killed_agent(tmp_path: Path) -> None:
+def _agent_with_a_daemon(tmp_path: Path, prefix: list[str]) -> subprocess.Popen[str]:
+    """An agent (``prefix`` runs it) whose workload leaves a daemon (setsid, backgrounded) behind."""
     agent = textwrap.dedent(
         f"""
         import asyncio
         from nex.agent.launchpad import Launchpad
         async def main():
             pad = Launchpad(None, {str(tmp_path)!r})
-            script = "setsid sleep 301 & echo started; exec sleep 300"
+            script = "setsid sleep 301 & echo $!; exec sleep 300"
             workload = await pad.launch(open("/bin/sh", "rb").read(), ["-c", script], {{}}, limit=1024)
-            await workload.stdout.readline()  # its daemon is forked by now
-            print(workload.pid, pad.contained, flush=True)
+            daemon = (await workload.stdout.readline()).decode().strip()  # forked by now
+            print(workload.pid, pad.contained, daemon, flush=True)
             await asyncio.sleep(300)
         asyncio.run(main())
         """
     )
-    proc = subprocess.Popen([sys.executable, "-c", agent], stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen([*prefix, sys.executable, "-c", agent], stdout=subprocess.PIPE, text=True)
+
+
+def test_without_a_pid_namespace_a_daemon_outlives_its_agent(tmp_path: Path) -> None:
+    """The control for the test below: an agent that may not make a PID namespace (no CAP_SYS_ADMIN)
+    cannot contain what its workload starts, and that test's check sees the survivor."""
+    proc = _agent_with_a_daemon(tmp_path, ["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin"])
     try:
         assert proc.stdout is not None
-        init, contained = proc.stdout.readline().split()
+        init, contained, daemon = proc.stdout.readline().split()
+        assert contained == "False"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    try:
+        assert wait_gone([int(init)], timeout=10) == [], "the workload dies with its agent"
+        assert b"sleep\x00301" in _cmdline(int(daemon)), "uncontained, the daemon outlives both"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(daemon), signal.SIGKILL)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def test_the_workload_and_what_it_started_die_with_a_killed_agent(tmp_path: Path) -> None:
+    proc = _agent_with_a_daemon(tmp_path, [])
+    try:
+        assert proc.stdout is not None
+        init, contained, _ = proc.stdout.readline().split()
         if contained != "True":
             pytest.skip("no PID namespace could be made (needs CAP_SYS_ADMIN): what a workload starts is not contained")
         namespace = os.readlink(f"/proc/{init}/ns/pid")
