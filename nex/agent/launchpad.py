@@ -246,7 +246,7 @@ def _run_init(parent: int, contained: bool, pipes: _InitPipes, jail: api.Jail | 
             command = msgspec.msgpack.decode(data, type=_Command)
             path, cwd = _place_artifact(command.artifact, built, workdir)
             workload = _spawn(path, command, cwd, contained, pipes)
-        except OSError as exc:
+        except Exception as exc:  # not only OSError: a NUL in argv is a ValueError; any failure is said
             os.write(pipes.status, (str(exc) if failure else f"cannot run the workload: {exc}").encode())
             os._exit(0)
         for fd in (pipes.command, pipes.status, pipes.stdout, pipes.stderr):

@@ -284,6 +284,9 @@ class Hierarchy:
             # memory + swap, no more than memory: swapping cannot take the machine past its limit. The
             # file exists only where the kernel accounts swap (CONFIG_MEMCG_SWAP and swapaccount).
             _write(memory + "/memory.memsw.limit_in_bytes", amount, "cap memory + swap", optional=True)
+            # v1 charges socket buffers only to a memcg whose TCP limit is set (v2 always does): without
+            # it, a workload can hold the host's TCP memory in loopback connections it never reads
+            _write(memory + "/memory.kmem.tcp.limit_in_bytes", amount, "cap TCP buffers", optional=True)
             # A new cgroup's period is the kernel's default, 100 ms (PERIOD_US): only the quota is written.
             quota = str(limits.cpus * PERIOD_US)
             _write(self._mount_str["cpu"] + base + "/cpu.cfs_quota_us", quota, "set the CPU quota")

@@ -11,13 +11,15 @@ As root (the node's normal case), after nsjail and Firecracker's jailer:
 1. **namespaces**: mount, UTS, IPC and cgroup namespaces of its own (PID and network exist already);
 2. **root**: a tmpfs root holding ``/app/workload`` (opened for writing now, through a bind mount that
    is detached at once, so that the root itself can be read-only), a ``/dev`` with null, zero, full,
-   random, urandom and tty bind-mounted from the host and ``/dev/shm``, a fresh ``/proc`` of its PID
-   namespace, ``/etc`` (passwd, group, hosts, resolv.conf), the operator's read-only bind mounts, and
+   random, urandom and tty bind-mounted read-only from the host and ``/dev/shm``, a fresh ``/proc`` of
+   its PID namespace (``hidepid=invisible``: init is not there to read), ``/etc`` (passwd, group, hosts,
+   resolv.conf), the operator's read-only bind mounts, and
    one size-limited tmpfs for everything writable (``/tmp``, the working directory ``/work`` and
    ``/dev/shm`` are bind mounts of it, so one size bounds them all); then ``pivot_root``, the old root
    detached, and the root remounted read-only;
-3. **hostname** set to the machine's id; **rlimits** (open files, core size 0); a session of its own
-   (no controlling terminal: CVE-2017-5226);
+3. **hostname** set to the machine's id; **rlimits** (open files, core size 1 byte: none is ever
+   written, not even through a piped ``core_pattern``); a session of its own (no controlling
+   terminal: CVE-2017-5226);
 4. **identity**: the capability bounding set emptied, supplementary groups dropped, and the
    machine's own host uid and gid taken; then, where the kernel allows, a **user namespace** in which
    that uid is 0. Every namespace but that one belongs to the host's user namespace, so uid 0 there owns
@@ -102,7 +104,10 @@ def build(spec: api.Jail, mountpoint: str) -> Built:
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         nofile = spec.nofile if privileged or hard == resource.RLIM_INFINITY else min(spec.nofile, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        # 1 byte, not 0: no core file can be that small, and a core_pattern that pipes to a helper
+        # (systemd-coredump, apport) ignores the limit unless it is exactly 1 (fs/coredump.c); the
+        # filter keeps the workload from changing it
+        resource.setrlimit(resource.RLIMIT_CORE, (1, 1))
         os.setsid()
         if privileged:
             step = "identity"
@@ -164,7 +169,9 @@ def _build_root(spec: api.Jail, mountpoint: str, *, privileged: bool) -> int:
     for bind in spec.mounts:
         _bind_read_only(root, bind.source, bind.target)
     if privileged:  # a /proc of its PID namespace; that namespace belongs to the host's user namespace
-        linux.mount("proc", f"{root}/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+        # hidepid: init (not dumpable) is invisible to the workload: its command line is the agent's
+        flags = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
+        linux.mount("proc", f"{root}/proc", "proc", flags, "hidepid=invisible")
     os.chdir(root)
     linux.pivot_root(".", ".")  # the old root now lies under the new one, at the same place
     linux.umount(".")  # ... and is detached: nothing of the host's tree is reachable any more
@@ -192,7 +199,9 @@ def _build_dev(root: str) -> None:
     for name in DEVICES:
         os.close(os.open(f"{dev}/{name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
         linux.mount(f"/dev/{name}", f"{dev}/{name}", None, linux.MS_BIND)
-        linux.mount(None, f"{dev}/{name}", None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_NOSUID | linux.MS_NOEXEC)
+        # read-only: the device can still be written to, its host inode (times, modes) cannot
+        flags = linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NOEXEC
+        linux.mount(None, f"{dev}/{name}", None, flags)
     for name, target in _DEV_LINKS:
         os.symlink(target, f"{dev}/{name}")
     os.mkdir(f"{dev}/shm", 0o1777)

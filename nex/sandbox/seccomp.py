@@ -7,10 +7,18 @@ or out of a namespace (``setns``, ``unshare``, ``clone`` with a namespace flag),
 process's memory or files (``process_vm_*``, ``pidfd_getfd``, ``kcmp``, ``open_by_handle_at``), the
 kernel keyring, ``perf_event_open``, ``userfaultfd``, ``io_uring``, swap, ``acct``, quotas,
 ``iopl``/``ioperm``, ``mknod`` of device nodes, the terminal-injection ioctls (``TIOCSTI``,
-``TIOCLINUX``) and the ``personality`` flags that turn address-space randomisation off. ``clone3``
-gets ``ENOSYS``, as under Docker, so that the C library falls back to ``clone``, whose flags a filter
-can see. A syscall of another architecture (the i386 ABI through ``int 0x80``, x32) kills the
-process: the filter only speaks the native one.
+``TIOCLINUX``) and the ``personality`` flags that turn address-space randomisation off. Sockets are
+limited to the families a workload needs (unix, IPv4, IPv6, and netlink for routes only): not vsock,
+which has no network namespaces and would reach the host's hypervisor and guests past the fence, nor
+AF_ALG (the kernel's crypto API, CVE-2026-31431), nor the host's uevent stream. The core-size limit
+cannot be changed (the jail sets it to 1 byte, which also stops a piped ``core_pattern`` helper from
+running for the workload), nor another process's limits. ``clone3`` gets ``ENOSYS``, as under Docker,
+so that the C library falls back to ``clone``, whose flags a filter can see. A syscall of another
+architecture (the i386 ABI through ``int 0x80``, x32) kills the process: the filter only speaks the
+native one.
+
+Arguments the kernel reads as 32-bit are compared on their low 32 bits only (a mask), so that a value
+with high bits set cannot slip past a comparison the kernel would then truncate.
 
 A default-allow list is what the issue asks for ("at least what Docker denies"); it keeps every
 language runtime working. Its limit (a syscall added by a later kernel is allowed) is written down in
@@ -52,6 +60,9 @@ DENIED = (
     "io_uring_setup", "io_uring_enter", "io_uring_register", "fanotify_init",
 )  # fmt: skip
 
+#: denied by number: newer than this libseccomp knows by name (the same numbers on x86_64 and aarch64)
+DENIED_NUMBERS = {"lsm_set_self_attr": 460, "open_tree_attr": 467}
+
 _NAMESPACE_FLAGS = (
     linux.CLONE_NEWNS,
     linux.CLONE_NEWCGROUP,
@@ -65,8 +76,17 @@ _NAMESPACE_FLAGS = (
 _S_IFMT, _S_IFCHR, _S_IFBLK = 0o170000, 0o020000, 0o060000
 _TIOCSTI, _TIOCLINUX = 0x5412, 0x541C
 #: personality(2) flags that weaken the address space: ADDR_NO_RANDOMIZE, MMAP_PAGE_ZERO,
-#: ADDR_COMPAT_LAYOUT, READ_IMPLIES_EXEC, ADDR_LIMIT_32BIT, ADDR_LIMIT_3GB
+#: ADDR_COMPAT_LAYOUT, READ_IMPLIES_EXEC, ADDR_LIMIT_32BIT, ADDR_LIMIT_3GB. Matched only with the top
+#: nibble clear, so that 0xffffffff (the query of the current personality) stays allowed.
 _UNSAFE_PERSONALITY = (0x0040000, 0x0100000, 0x0200000, 0x0400000, 0x0800000, 0x8000000)
+_QUERY_BITS = 0xF000_0000
+_LOW32 = 0xFFFF_FFFF
+#: socket families a workload may not open: all but AF_UNIX (1), AF_INET (2), AF_INET6 (10) and
+#: AF_NETLINK (16); 17 and above (AF_PACKET, AF_ALG 38, AF_VSOCK 40, ...) by one comparison
+_DENIED_FAMILIES = (0, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 14, 15)
+_FIRST_DENIED_FAMILY = 17
+_AF_NETLINK = 16
+_RLIMIT_CORE = 4
 
 _SECCOMP_SET_MODE_FILTER = 1
 _SYS_SECCOMP = {"x86_64": 317, "aarch64": 277}.get(os.uname().machine, -1)
@@ -96,6 +116,8 @@ def program() -> bytes:
         for name in DENIED:
             if sc.resolve_syscall(sc.Arch.NATIVE, name) != -1:  # -1: unknown here (a 32-bit-only name)
                 rules.add_rule(deny, name)
+        for name, number in DENIED_NUMBERS.items():
+            rules.add_rule(deny, sc.resolve_syscall(sc.Arch.NATIVE, name) if _known(sc, name) else number)
         rules.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
         for flag in _NAMESPACE_FLAGS:
             rules.add_rule(deny, "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
@@ -103,9 +125,16 @@ def program() -> bytes:
             rules.add_rule(deny, "mknod", sc.Arg(1, sc.MASKED_EQ, _S_IFMT, kind))
             rules.add_rule(deny, "mknodat", sc.Arg(2, sc.MASKED_EQ, _S_IFMT, kind))
         for request in (_TIOCSTI, _TIOCLINUX):
-            rules.add_rule(deny, "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, request))
+            rules.add_rule(deny, "ioctl", sc.Arg(1, sc.MASKED_EQ, _LOW32, request))
         for flag in _UNSAFE_PERSONALITY:
-            rules.add_rule(deny, "personality", sc.Arg(0, sc.MASKED_EQ, flag, flag))
+            rules.add_rule(deny, "personality", sc.Arg(0, sc.MASKED_EQ, flag | _QUERY_BITS, flag))
+        for family in _DENIED_FAMILIES:
+            rules.add_rule(deny, "socket", sc.Arg(0, sc.MASKED_EQ, _LOW32, family))
+        rules.add_rule(deny, "socket", sc.Arg(0, sc.GE, _FIRST_DENIED_FAMILY))  # high bits set: also denied
+        rules.add_rule(deny, "socket", sc.Arg(0, sc.MASKED_EQ, _LOW32, _AF_NETLINK), sc.Arg(2, sc.GT, 0))
+        rules.add_rule(deny, "setrlimit", sc.Arg(0, sc.MASKED_EQ, _LOW32, _RLIMIT_CORE))
+        rules.add_rule(deny, "prlimit64", sc.Arg(1, sc.MASKED_EQ, _LOW32, _RLIMIT_CORE), sc.Arg(2, sc.NE, 0))
+        rules.add_rule(deny, "prlimit64", sc.Arg(0, sc.NE, 0), sc.Arg(2, sc.NE, 0))  # another's limits
         out = os.memfd_create("nex-seccomp", os.MFD_CLOEXEC)
         try:
             rules.export_bpf(_FileNo(out))
@@ -114,6 +143,10 @@ def program() -> bytes:
             os.close(out)
     except OSError as exc:
         raise SeccompUnavailable(f"libseccomp could not compile the filter: {exc}") from None
+
+
+def _known(sc: object, name: str) -> bool:
+    return bool(sc.resolve_syscall(sc.Arch.NATIVE, name) != -1)  # type: ignore[attr-defined]
 
 
 class _FileNo:

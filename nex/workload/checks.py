@@ -42,7 +42,17 @@ def open_environment(xkey: crypto.XKey, request: control.DeployRequest) -> tuple
         environment = msgspec.json.decode(plain, type=dict[str, str])
     except (binascii.Error, ValueError, msgspec.DecodeError) as exc:
         raise Refused(f"Failed to decrypt environment for deploy request: {exc}") from None
+    for key, value in environment.items():
+        if not key or "=" in key or "\0" in key or "\0" in value:
+            raise Refused(f"Invalid deploy request: environment variable {key!r} cannot be passed to a program")
     return environment, request.sender_public_key
+
+
+def check_argv(argv: list[str]) -> None:
+    """What exec cannot pass: a NUL byte ends a C string (Python refuses, and the workload never ran)."""
+    for i, arg in enumerate(argv):
+        if "\0" in arg:
+            raise Refused(f"Invalid deploy request: argv[{i}] holds a NUL byte, which no program can receive")
 
 
 def check_jwt(request: control.DeployRequest) -> crypto.GenericClaims:

@@ -204,6 +204,7 @@ class WorkloadManager(Actor[WorkloadMsg]):
         if kind not in NATIVE_TYPES or not set(NATIVE_TYPES) & set(config.workload_types):
             raise Refused(f"Unsupported workload type on this node: {kind}")
         environment, sender = checks.open_environment(self.state.identity.xkey, request)
+        checks.check_argv(list(request.argv))
         if config.requester_public_keys and sender not in config.requester_public_keys:
             raise Refused(f"the sender's xkey {sender} is not in this node's requester_public_keys")
         claims = checks.check_jwt(request)

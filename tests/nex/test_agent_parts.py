@@ -58,6 +58,17 @@ def test_a_launch_that_cannot_exec_says_why_and_leaves_no_child(tmp_path: Path) 
         os.waitpid(pid, os.WNOHANG)  # reaped already
 
 
+def test_a_workload_init_cannot_start_is_a_failed_launch_not_a_run(tmp_path: Path) -> None:
+    """Any error of init's (a NUL in the environment is a ValueError, not an OSError) comes back."""
+
+    async def main() -> None:
+        pad = Launchpad(None, str(tmp_path))
+        with pytest.raises(LaunchFailed, match="embedded null byte"):
+            await pad.launch(SHELL, ["-c", "true"], {"A": "x\0y"}, limit=1024)
+
+    asyncio.run(main())
+
+
 def test_an_artifact_is_never_written_through_a_planted_link(tmp_path: Path) -> None:
     victim = tmp_path / "victim"
     victim.write_text("precious")

@@ -31,6 +31,20 @@ def test_the_environment_opens_only_for_this_node_and_must_be_a_string_map() -> 
         checks.open_environment(node, control.DeployRequest())
 
 
+@pytest.mark.parametrize("plain", [b'{"A":"x\\u0000y"}', b'{"A=B":"c"}', b'{"":"c"}', b'{"A\\u0000":"c"}'])
+def test_an_environment_no_program_could_receive_is_refused(plain: bytes) -> None:
+    """A workload that never ran must not be reported started (exec refuses a NUL, or an = in a name)."""
+    node, sender = crypto.XKey.generate(), crypto.XKey.generate()
+    with pytest.raises(Refused, match="cannot be passed to a program"):
+        checks.open_environment(node, sealed_request(node, sender, plain))
+
+
+def test_an_argument_with_a_nul_byte_is_refused() -> None:
+    checks.check_argv(["--flag", "value"])
+    with pytest.raises(Refused, match=r"argv\[1\] holds a NUL byte"):
+        checks.check_argv(["ok", "x\0y"])
+
+
 def test_the_jwt_must_verify_carry_a_hash_and_a_proper_name() -> None:
     issuer = crypto.create_signing_key(crypto.PREFIX_ACCOUNT)
 

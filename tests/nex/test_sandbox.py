@@ -155,7 +155,8 @@ ESCAPES = (
     "read:other_environ", "proc_pids", "proc_mem", "setns", "mount", "mknod", "unshare", "unshare_user",
     "ptrace", "sethostname", "settimeofday", "init_module", "finit_module", "bpf", "keyctl", "perf_event_open",
     "userfaultfd", "process_vm_readv", "open_by_handle_at", "write:outside", "stat:venv", "plant", "journal",
-    "connect:control_server", "connect:host_port", "connect:other_machine",
+    "connect:control_server", "connect:host_port", "connect:other_machine", "vsock", "af_alg", "uevent",
+    "core_limit", "read:init_cmdline",
 )  # fmt: skip
 
 
@@ -192,6 +193,7 @@ def test_a_hostile_tenant_cannot_reach_out_of_its_jail(
         "READ_4": "shadow=/etc/shadow",
         "READ_5": f"other_machine={vm_root / other}",
         "READ_6": f"other_environ=/proc/{pid_with_env('TENANT_SECRET=sealed-for-other')}/environ",
+        "READ_7": "init_cmdline=/proc/1/cmdline",  # in the jail, init's: the agent's command line
         "HOST_PID": str(node.proc.pid if node.proc else 0),
         "HOST_PIDS_MIN": "10",
         "MEM_PID": str(bystander),
@@ -263,6 +265,25 @@ def test_memory_beyond_the_template_ends_in_an_oom_stop(
         assert "out of memory" in ended["message"], ended
     else:
         assert ended["code"] == 0, "unjailed, it got all it asked for"
+    assert node.stop() == 0
+
+
+@pytest.mark.parametrize("mode", [JAIL, UNJAILED])
+def test_socket_buffers_count_against_the_machine_too(
+    mode: str, home: Path, open_nats_server: NatsServerProc, obus: Bus, binaries: Binaries
+) -> None:
+    """Memory the kernel holds for a workload in TCP buffers it never reads: host memory outside its
+    heap, which cgroup v1 charges only to a cgroup that accounts TCP (a red team's finding)."""
+    node = start_node(home, mode, open_nats_server, obus, machine_template={"memsize_mib": 96})
+    tenant = Tenant(obus, node)
+    vmid = tenant.run(binaries.hostile, "hostile", ["sockmem", "256"])
+    status, detail = attacks(tenant.lines(vmid))["sockmem"]
+    tenant.still_answers()
+    held = int(detail.split()[0].removeprefix("held="))
+    if mode == JAIL:
+        assert (status, held <= 96) == ("BLOCKED", True), detail
+    else:
+        assert (status, held) == ("OK", 256), detail
     assert node.stop() == 0
 
 

@@ -21,7 +21,8 @@
  *   escape          read:<label> (READ_1..READ_9 = label=path), proc_pids (HOST_PIDS_MIN, HOST_PID),
  *                   proc_mem (MEM_PID), setns (HOST_PID), setns_init, mount, mknod, unshare,
  *                   unshare_user, ptrace, sethostname, settimeofday, init_module, finit_module, bpf,
- *                   keyctl, perf_event_open, userfaultfd, process_vm_readv, open_by_handle_at,
+ *                   keyctl, perf_event_open, userfaultfd, process_vm_readv, open_by_handle_at, vsock,
+ *                   af_alg, uevent, core_limit,
  *                   write:<label> (WRITE_1..WRITE_5 = label=path), stat:<label> (STAT_1..STAT_5 =
  *                   label=path), plant (PLANT_DIR, PLANT_NAME, PLANT_TARGET), journal (JOURNAL_DIR,
  *                   JOURNAL_RECORD), connect:<label> (CONNECT_1..CONNECT_5 = label=ip:port or
@@ -50,6 +51,8 @@
  *   cpu <seconds>   four threads spin for that many wall seconds;
  *                   ATTACK cpu INFO cpu_seconds=<user+sys> wall=<s> ratio=<cpu/wall>.
  *   cpu forever     the same until killed, with PROGRESS cpu ratio=<r> every second (no DONE).
+ *   sockmem <MiB>   fills TCP loopback connections of its own and never reads them, up to MiB (1024
+ *                   at most): ATTACK sockmem <OK|BLOCKED> held=<MiB> connections=<n> errno=<name>.
  *   disk <MiB>      writes 1 MiB blocks of zeros to ./nex-hostile-fill (/tmp/nex-hostile-fill where
  *                   the working directory is not writable) until a write fails or MiB are written,
  *                   fsyncs, ATTACK disk <OK|BLOCKED> written=<MiB> errno=<name>, and unlinks the file.
@@ -62,7 +65,10 @@
 #include <limits.h>
 #include <linux/bpf.h>
 #include <linux/keyctl.h>
+#include <linux/if_alg.h>
+#include <linux/netlink.h>
 #include <linux/perf_event.h>
+#include <linux/vm_sockets.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
@@ -645,6 +651,39 @@ static void attack_userfaultfd(const char *name) {
     report_fd(name, fd, errno, "got a userfaultfd");
 }
 
+/* Sockets past the network namespace and the fence (a red team's findings): vsock has no network
+ * namespaces (the hypervisor, other guests); AF_ALG is the kernel's crypto API (CVE-2026-31431).
+ * Neither is in every kernel, so only EPERM counts as stopped. The uevent stream shows the host's
+ * devices. Each socket is only opened, and closed at once. */
+static void attack_vsock(const char *name) {
+    long fd = socket(AF_VSOCK, SOCK_STREAM, 0); /* a host without vsock answers EAFNOSUPPORT */
+    int err = errno;
+    if (fd >= 0) close((int)fd);
+    reached_kernel(name, fd, err);
+}
+
+static void attack_af_alg(const char *name) {
+    long fd = socket(AF_ALG, SOCK_SEQPACKET, 0);
+    int err = errno;
+    if (fd >= 0) close((int)fd);
+    reached_kernel(name, fd, err);
+}
+
+static void attack_uevent(const char *name) {
+    long fd = socket(AF_NETLINK, SOCK_DGRAM, NETLINK_KOBJECT_UEVENT);
+    report_fd(name, fd, errno, "opened the kernel's uevent socket");
+}
+
+/* Lowering its core-size limit to 0: with a core_pattern that pipes to a helper, the kernel runs the
+ * helper as host root for any core but one limited to exactly 1 byte. Only its own limit changes. */
+static void attack_core_limit(const char *name) {
+    struct rlimit zero = {0, 0};
+    if (setrlimit(RLIMIT_CORE, &zero) == 0)
+        report(name, "OK", "set its core size limit to 0");
+    else
+        report_err(name, "BLOCKED", "setrlimit", errno);
+}
+
 /* ------------------------------------------------------------------------------------------------
  * Planting files where the test lets it (the test checks them and removes them)
  * ------------------------------------------------------------------------------------------------ */
@@ -794,6 +833,10 @@ static const struct attack {
     {"userfaultfd", attack_userfaultfd, NULL, NULL, 0},
     {"process_vm_readv", attack_process_vm_readv, NULL, NULL, 0},
     {"open_by_handle_at", attack_open_by_handle_at, NULL, NULL, 0},
+    {"vsock", attack_vsock, NULL, NULL, 0},
+    {"af_alg", attack_af_alg, NULL, NULL, 0},
+    {"uevent", attack_uevent, NULL, NULL, 0},
+    {"core_limit", attack_core_limit, NULL, NULL, 0},
     {"write", NULL, attack_write, "WRITE", 5},
     {"stat", NULL, attack_stat, "STAT", 5},
     {"plant", attack_plant, NULL, NULL, 0},
@@ -1065,8 +1108,54 @@ static int mode_disk(long target) {
 static int usage(void) {
     fprintf(stderr,
             "usage: hostile escape | escape_pidns | memory <MiB> | forkbomb <max> | cpu <seconds>|forever | "
-            "disk <MiB>\n");
+            "disk <MiB> | sockmem <MiB>\n");
     return 2;
+}
+
+/* Memory the kernel holds for it outside its heap: TCP buffers on loopback connections of its own
+ * network namespace, filled and never read (cgroup v1 charges them only where the machine's cgroup
+ * accounts TCP memory). Bounded: at most 400 connections, released when it exits. */
+static int mode_sockmem(long target_mib) {
+    int listener = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof addr;
+    if (listener < 0 || bind(listener, (struct sockaddr *)&addr, sizeof addr) != 0 ||
+        getsockname(listener, (struct sockaddr *)&addr, &len) != 0 || listen(listener, 512) != 0) {
+        report_err("sockmem", "SKIPPED", "listen on loopback", errno);
+        done();
+        return 0;
+    }
+    static char chunk[65536];
+    memset(chunk, 'T', sizeof chunk);
+    long held = 0, target = target_mib << 20;
+    int conns = 0, big = 4 << 20, err = 0;
+    while (held < target && conns < 400 && err == 0) {
+        int client = socket(AF_INET, SOCK_STREAM, 0);
+        setsockopt(client, SOL_SOCKET, SO_SNDBUF, &big, sizeof big);
+        if (client < 0 || connect(client, (struct sockaddr *)&addr, sizeof addr) != 0) {
+            err = errno;
+            break;
+        }
+        int server = accept(listener, NULL, NULL); /* never read: what is sent stays in the kernel */
+        if (server < 0) {
+            err = errno;
+            break;
+        }
+        setsockopt(server, SOL_SOCKET, SO_RCVBUF, &big, sizeof big);
+        fcntl(client, F_SETFL, O_NONBLOCK);
+        conns++;
+        long before = held;
+        for (int i = 0; i < 2000 && held < target; i++) {
+            ssize_t n = send(client, chunk, sizeof chunk, MSG_NOSIGNAL);
+            if (n <= 0) break;
+            held += n;
+        }
+        if (held == before) break; /* nothing more goes in: the kernel holds no more for us */
+    }
+    report("sockmem", held >= target ? "OK" : "BLOCKED", "held=%ld MiB connections=%d errno=%s", held >> 20, conns,
+           errname(err));
+    done();
+    return 0;
 }
 
 int main(int argc, char **argv) {
@@ -1090,5 +1179,6 @@ int main(int argc, char **argv) {
     if (strcmp(mode, "memory") == 0) return mode_memory(amount);
     if (strcmp(mode, "forkbomb") == 0) return mode_forkbomb(amount);
     if (strcmp(mode, "disk") == 0) return mode_disk(amount);
+    if (strcmp(mode, "sockmem") == 0) return mode_sockmem(amount > 1024 ? 1024 : amount);
     return usage();
 }
