@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import pwd
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +26,7 @@ from . import crypto
 
 Driver = Literal["process"]
 KNOWN_WORKLOAD_TYPES = ("native", "elf")
+NR_OPEN = 1 << 20  # the kernel's default fs.nr_open: no process may have more open files
 UID_BASE = 0x7000_0000
 """Host uids of machines start here: far above any login or system user, and above the ranges that
 systemd-nspawn and rootless containers hand out."""
@@ -249,6 +251,10 @@ def validate(config: NodeConfig) -> list[str]:
     at_least(config.machine_template.pids_max, 8, "$.machine_template.pids_max")
     at_least(config.machine_template.disk_mib, 1, "$.machine_template.disk_mib")
     at_least(config.machine_template.nofile, 16, "$.machine_template.nofile")
+    if config.machine_template.nofile > NR_OPEN:
+        problems.append(
+            f"machine_template.nofile must be <= {NR_OPEN} (the kernel's nr_open) at $.machine_template.nofile"
+        )
     at_least(config.agent_handshake_timeout_ms, 1, "$.agent_handshake_timeout_ms")
     at_least(config.agent_ping_timeout_ms, 1, "$.agent_ping_timeout_ms")
     at_least(config.heartbeat_interval_ms, 100, "$.heartbeat_interval_ms")
@@ -307,6 +313,11 @@ def _validate_sandbox(config: NodeConfig, subnet: ipaddress.IPv4Network | None) 
         problems.append(
             f"sandbox.uid_base must leave room for {hosts} machines between 1000 and 4294967294 "
             "(and name no real user) at $.sandbox.uid_base"
+        )
+    elif taken := sorted(u.pw_name for u in pwd.getpwall() if 0 <= u.pw_uid - sandbox.uid_base < hosts):
+        problems.append(
+            f"sandbox.uid_base gives machines the uids of users of this host ({', '.join(taken[:3])}): "
+            "choose a range no user has at $.sandbox.uid_base"
         )
     for i, bind in enumerate(sandbox.mounts):
         path = f"$.sandbox.mounts[{i}]"

@@ -121,6 +121,16 @@ def set_dumpable(dumpable: bool) -> None:
     prctl(PR_SET_DUMPABLE, int(dumpable), "PR_SET_DUMPABLE")
 
 
+def has_capabilities(*capabilities: int) -> bool:
+    """Whether this process has every one of ``capabilities`` (numbers, as in capability.h) in effect."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("CapEff:"):
+                effective = int(line.split()[1], 16)
+                return all(effective & (1 << cap) for cap in capabilities)
+    return False
+
+
 def last_capability() -> int:
     with open("/proc/sys/kernel/cap_last_cap", "rb") as file:
         return int(file.read())

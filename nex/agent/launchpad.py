@@ -11,14 +11,15 @@ The launchpad forks init ahead of the deploy, while the agent is single-threaded
 it as the artifact arrives), because a fork of the agent costs 2-5 ms here. Init dies with the agent
 (``PR_SET_PDEATHSIG``) and first builds the workload's jail (:mod:`nex.sandbox.jail`: namespaces, a
 root of its own, no capabilities, seccomp), so that by the deploy only the artifact is missing. Then it
-blocks reading a command pipe. To run the workload the agent writes the artifact, argv and
-environment; init writes the artifact into the jail (through a descriptor it opened while building it,
-``O_EXCL | O_NOFOLLOW``) and starts it with ``posix_spawn`` (vfork and exec: about 0.2 ms) as pid 2:
-pid 1's signal rules do not apply to the workload, so SIGTERM ends it as anywhere. A failure (the
-jail, the exec) comes back on the status pipe, and the deploy is refused with it; end of file means
-it runs. Init then forwards the agent's polite signals (SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1,
-SIGUSR2) to the workload, reaps orphans, and when the workload ends writes its wait status to the
-exit pipe and exits. A SIGKILL to init ends the whole namespace.
+says so on its status pipe. To run the workload the agent waits for that, then writes the artifact,
+argv and environment; init writes the artifact into the jail (through a descriptor it opened while
+building it, ``O_EXCL | O_NOFOLLOW``) and starts it with ``posix_spawn`` (vfork and exec) as pid 2:
+pid 1's signal rules do not apply to the workload, so SIGTERM ends it as anywhere. Every message on
+the status pipe is tagged: ``R`` ready for the command, ``S`` started, ``F`` and the reason when
+anything failed (the jail, the exec, anything else); an end without ``S`` is a failure too (init
+died), never a start. Init then forwards the agent's polite signals (SIGTERM, SIGINT, SIGHUP,
+SIGQUIT, SIGUSR1, SIGUSR2) to the workload, reaps orphans, and when the workload ends writes its wait
+status to the exit pipe and exits. A SIGKILL to init ends the whole namespace.
 
 Without a jail (``no_sandbox``) the artifact is written into the agent's working directory, also
 with ``O_EXCL | O_NOFOLLOW``. Without the right to make a PID namespace (an agent not running as
@@ -35,7 +36,7 @@ import os
 import signal
 import subprocess
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 import msgspec
 
@@ -46,8 +47,11 @@ from nex.sandbox import seccomp
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 """What init passes on to the workload; SIGKILL needs no passing on (it ends the whole namespace)."""
-IGNORED_BY_PYTHON = (signal.SIGPIPE, signal.SIGXFSZ)
-"""Ignored in every Python process, and an ignored signal stays ignored across exec: reset them."""
+DEFAULT_SIGNALS = signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}
+"""Reset for the workload: an ignored signal stays ignored across exec (Python ignores SIGPIPE and
+SIGXFSZ; whoever started the node may have ignored others)."""
+READY, STARTED, FAILED = b"R", b"S", b"F"
+"""The status pipe's tags (see the module docstring)."""
 
 
 class _Command(msgspec.Struct, array_like=True):
@@ -133,26 +137,40 @@ class Launchpad:
         if self.used:
             raise LaunchFailed("this launchpad has launched already")
         self.used = True
-        command = memoryview(msgspec.msgpack.encode(_Command(artifact, argv, env)))
+        os.set_blocking(self._status_r, False)
         try:
-            while command:  # init reads as we write; a pipe takes 64 KiB at a time
-                command = command[os.write(self._command_w, command) :]
-        except BrokenPipeError:
-            pass  # init is gone: its status says why (or its end does)
-        os.close(self._command_w)
-        failure = await _read_to_end(self._status_r)
-        if failure:
+            await self._expect(READY, "before it was ready")  # the jail is built: init reads now
+            command = memoryview(msgspec.msgpack.encode(_Command(artifact, argv, env)))
+            with contextlib.suppress(BrokenPipeError):  # init died meanwhile: its status says so
+                while command:  # a pipe takes 64 KiB at a time, which init reads as they come
+                    command = command[os.write(self._command_w, command) :]
+            os.close(self._command_w)
+            await self._expect(STARTED, "before starting the workload")
+        except LaunchFailed:
             self._reap_failed()
-            raise LaunchFailed(failure.decode(errors="replace"))
+            raise
+        os.close(self._status_r)
         stdout = await _reader(self._stdout_r, limit)
         stderr = await _reader(self._stderr_r, limit)
         return Workload(self.pid, self._exit_r, stdout, stderr)
 
+    async def _expect(self, tag: bytes, when: str) -> None:
+        """The next status message, which must be ``tag``; raise init's reason otherwise."""
+        message = await _read_message(self._status_r)
+        if message == tag:
+            return
+        if message.startswith(FAILED):
+            raise LaunchFailed((message[1:] + await _read_to_end(self._status_r)).decode(errors="replace"))
+        raise LaunchFailed(f"the workload's init ended {when}")
+
     def _reap_failed(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._command_w)  # init may be blocked reading it
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)  # init exits after reporting the failure
-        for fd in (self._exit_r, self._stdout_r, self._stderr_r):
-            os.close(fd)
+        for fd in (self._status_r, self._exit_r, self._stdout_r, self._stderr_r):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def close(self) -> None:
         """Unused: let init go (it exits at the end of its command pipe) and reap it."""
@@ -217,6 +235,7 @@ def _run_init(parent: int, contained: bool, pipes: _InitPipes, jail: api.Jail | 
         # died before this is noticed by the end of the command pipe.
         linux.die_with_parent(parent)
         _close_fds_except(set(pipes))  # the agent's sockets above all: its exit must close them
+        _fresh_process_state()
         workload = 0
 
         def forward(sig: int, _frame: object) -> None:
@@ -231,26 +250,27 @@ def _run_init(parent: int, contained: bool, pipes: _InitPipes, jail: api.Jail | 
         # out of its machine's memory, the kernel kills the workload first, not its agent
         with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as adj:
             adj.write("1000")
-        failure, built = "", None
+        built = None
         if jail is not None:
             try:
                 built = jails.build(jail, workdir)
             except jails.JailError as exc:
-                failure = f"the workload's jail could not be built: {exc.strerror}"
+                _fail(pipes, f"the workload's jail could not be built: {exc.strerror}")
+        os.write(pipes.status, READY)
         data = _read_all(pipes.command)
         if not data:
             os._exit(0)  # the agent let it go
         try:
-            if failure:
-                raise OSError(failure)
             command = msgspec.msgpack.decode(data, type=_Command)
+            del data
             path, cwd = _place_artifact(command.artifact, built, workdir)
+            command.artifact = b""  # the copy that runs is the file: init must not hold another
             workload = _spawn(path, command, cwd, contained, pipes)
         except Exception as exc:  # not only OSError: a NUL in argv is a ValueError; any failure is said
-            os.write(pipes.status, (str(exc) if failure else f"cannot run the workload: {exc}").encode())
-            os._exit(0)
+            _fail(pipes, f"cannot run the workload: {exc}")
+        os.write(pipes.status, STARTED)
         for fd in (pipes.command, pipes.status, pipes.stdout, pipes.stderr):
-            os.close(fd)  # end of file on the status pipe: it runs
+            os.close(fd)
         while True:
             pid, status = os.waitpid(-1, 0)  # orphans of the namespace are ours to reap too
             if pid == workload:
@@ -260,6 +280,23 @@ def _run_init(parent: int, contained: bool, pipes: _InitPipes, jail: api.Jail | 
         pass
     finally:
         os._exit(0)
+
+
+def _fail(pipes: _InitPipes, reason: str) -> NoReturn:
+    os.write(pipes.status, FAILED + reason.encode(errors="replace"))
+    os._exit(0)
+
+
+def _fresh_process_state() -> None:
+    """What init (and so the workload) must not inherit from the agent or from whoever started the
+    node: its standard descriptors (the machine's log files), its umask, its personality."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for target in (0, 1, 2):
+        os.dup2(null, target)
+    if null > 2:
+        os.close(null)
+    os.umask(0o022)
+    linux.libc.personality(0)  # PER_LINUX: address-space randomisation on, whatever setarch said
 
 
 def _place_artifact(artifact: bytes, built: jails.Built | None, workdir: str) -> tuple[str, str]:
@@ -309,7 +346,7 @@ def _spawn(path: str, command: _Command, cwd: str, contained: bool, pipes: _Init
             (os.POSIX_SPAWN_DUP2, pipes.stdout, 1),  # init's other descriptors are all close-on-exec
             (os.POSIX_SPAWN_DUP2, pipes.stderr, 2),
         ],
-        setsigdef=IGNORED_BY_PYTHON,
+        setsigdef=DEFAULT_SIGNALS,
         setsigmask=(),
     )
 
@@ -329,8 +366,25 @@ def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
+async def _read_message(fd: int) -> bytes:
+    """What is in the (non-blocking) pipe once it is readable: a status message, or b"" at its end."""
+    loop = asyncio.get_running_loop()
+    readable: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not readable.done():
+            readable.set_result(None)
+
+    loop.add_reader(fd, ready)
+    try:
+        await readable
+    finally:
+        loop.remove_reader(fd)
+    return os.read(fd, 65536)
+
+
 async def _read_to_end(fd: int) -> bytes:
-    """Everything until end of file, read as it becomes readable; the fd is closed after."""
+    """Everything until end of file, read as it becomes readable (the caller closes the fd)."""
     loop = asyncio.get_running_loop()
     os.set_blocking(fd, False)
     chunks: list[bytes] = []
@@ -350,7 +404,6 @@ async def _read_to_end(fd: int) -> bytes:
         await done
     finally:
         loop.remove_reader(fd)
-        os.close(fd)
     return b"".join(chunks)
 
 

@@ -8,6 +8,8 @@ its own reply inbox ``_INBOX_{vmid}.>`` (and to answer requests it receives).
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
 PREFIX = "agentint"
@@ -82,12 +84,39 @@ class Jail(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     user_namespace: bool = True
     seccomp: bool = True
     rootless: bool = False  # a node without root: see nex.sandbox.jail
+    own_network: bool = False  # a network namespace with only loopback (the machine has none of its own)
+    pids_max: int = 1024  # also its processes' limit (RLIMIT_NPROC: the uid is the machine's alone)
     memory_mib: int = 256
     disk_mib: int = 64
     nofile: int = 1024
     mounts: list[BindMount] = []
     nameservers: list[str] = []
     cgroup: list[str] = []
+
+
+class LogBudget(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """How fast one workload's output (stdout and stderr together) may go out as log messages.
+
+    A token bucket per count: lines and bytes, refilled at ``*_per_second`` and holding at most
+    ``burst_*``. A workload that writes faster is not cut: its agent stops reading its pipes until the
+    budget allows more, so the workload blocks on its own writes and every line still arrives, late
+    (see :mod:`nex.agent.runner`). Without it one workload printing short lines as fast as it can makes
+    its node relay a million messages a second, and the node's other machines pay for it.
+
+    The defaults are sized for a node of 32 machines all writing as fast as they can: the node relays
+    each line as a message, at a cost of 100-300 µs of its CPU (measured on 2 cores), through one
+    mailbox of 4096 messages that deploys and the agents' events go through too. 32 × 100 lines a
+    second cost a 2-core node about 0.4 of a CPU, and 32 bursts of 100 lines fit in that mailbox at once
+    (at 1000 lines/s and bursts of 2000, 8 such workloads made the node drop messages, a deploy among
+    them). A person following a log reads far fewer than 100 lines a second, and a burst takes a
+    start-up banner or a stack trace at once. 256 KiB/s (about 3000 lines of 80 characters) binds only
+    workloads writing long lines. 0 lifts that one limit (for workloads the operator trusts).
+    """
+
+    lines_per_second: Annotated[float, msgspec.Meta(ge=0)] = 100
+    bytes_per_second: Annotated[float, msgspec.Meta(ge=0)] = 256 << 10
+    burst_lines: Annotated[int, msgspec.Meta(ge=0)] = 100
+    burst_bytes: Annotated[int, msgspec.Meta(ge=0)] = 256 << 10
 
 
 class MachineMetadata(msgspec.Struct, omit_defaults=True):
@@ -104,6 +133,7 @@ class MachineMetadata(msgspec.Struct, omit_defaults=True):
     node_nats_nkey: str = ""
     message: str = "Host-supplied metadata"
     jail: Jail | None = None
+    log_budget: LogBudget = LogBudget()
 
 
 class HandshakeRequest(msgspec.Struct, omit_defaults=True):

@@ -170,11 +170,18 @@ def up(
 
 
 def _opening(text: str) -> dict[str, Any]:
-    """``ADDRESS[/PREFIX][:PORT]`` as a fence opening (TCP; port 0: any)."""
-    address, _, port = text.rpartition(":") if text.count(":") == 1 else (text, "", "0")
+    """``ADDRESS[/PREFIX][:PORT]`` as a fence opening (TCP; port 0: any); IPv6 as ``[ADDRESS]:PORT``."""
+    if text.startswith("["):  # [v6]:port or [v6/prefix]:port
+        address, _, port = text[1:].partition("]")
+        port = port.removeprefix(":") or "0"
+    elif text.count(":") == 1:
+        address, _, port = text.partition(":")
+    else:
+        address, port = text, "0"
     if not port.isdigit():
         raise _UsageError(f"--allow {text}: the port must be a number (ADDRESS[/PREFIX][:PORT])")
-    return {"cidr": address if "/" in address else f"{address}/32", "port": int(port)}
+    single = "/128" if ":" in address else "/32"
+    return {"cidr": address if "/" in address else address + single, "port": int(port)}
 
 
 def _up(

@@ -160,8 +160,4 @@ def enter(netns_path: Path) -> None:
 
 def has_capabilities() -> bool:
     """Whether this process may create namespaces and links (CAP_NET_ADMIN and CAP_SYS_ADMIN)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("CapEff:"):
-            effective = int(line.split()[1], 16)
-            return bool(effective & (1 << 12)) and bool(effective & (1 << 21))
-    return False
+    return linux.has_capabilities(12, 21)

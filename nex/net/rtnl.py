@@ -114,13 +114,6 @@ class Rtnl:
         msg["attrs"] = [("IFLA_IFNAME", name), ("IFLA_LINKINFO", {"attrs": [("IFLA_INFO_KIND", kind)]})]
         self._request(msg, RTM_NEWLINK, CREATE, f"create {kind} link {name}")
 
-    def set_group(self, name: str, group: int) -> None:
-        """Put link ``name`` in interface group ``group`` (0 is every link's default group)."""
-        msg = ifinfmsg()
-        msg["index"] = socket.if_nametoindex(name)
-        msg["attrs"] = [("IFLA_GROUP", group)]
-        self._request(msg, RTM_NEWLINK, CHANGE, f"put {name} in group {group}")
-
     def set_up(self, name: str) -> None:
         msg = ifinfmsg()
         msg["index"] = socket.if_nametoindex(name)

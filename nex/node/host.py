@@ -19,6 +19,7 @@ operator could still copy one in) is logged, dropped, and nothing is done with i
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
 import shutil
 from collections.abc import Awaitable, Callable
@@ -77,9 +78,9 @@ class HostObjects:
         ``port`` 0 picks a free one on the gateway. Without namespaces (no root), the internal server
         listens on loopback, where the machines' agents are.
         """
+        gateway = self.networks.agent_host  # the gateway, or loopback where machines share the host's
         if not self.networks.namespaced:
-            return "127.0.0.1", port or free_port("127.0.0.1")
-        gateway = str(self.networks.gateway)
+            return gateway, port or free_port(gateway)
         stack.push(
             f"gateway link {self.gateway_link}",
             lambda: trio.to_thread.run_sync(netns.delete_link, self.gateway_link),
@@ -105,7 +106,7 @@ class HostObjects:
         Raises:
             OSError: the kernel refused it (no nf_tables, no CAP_NET_ADMIN): the node does not start.
         """
-        from nex.net import fence  # pyroute2 takes ~0.1 s to import: here, off the Trio thread
+        from nex.net import fence  # pyroute2 is slow to import: here, off the Trio thread
 
         wanted = self.config.sandbox
         plan = fence.FencePlan(
@@ -114,12 +115,15 @@ class HostObjects:
             gateway=gateway,
             port=port,
             subnet=str(self.networks.subnet),
-            openings=tuple(fence.Opening(cidr=o.cidr, port=o.port, protocol=o.protocol) for o in wanted.allow),
+            openings=tuple(
+                fence.Opening(cidr=str(ipaddress.ip_network(o.cidr, strict=False)), port=o.port, protocol=o.protocol)
+                for o in wanted.allow
+            ),
             masquerade=wanted.masquerade,
         )
         try:
             fence.install(plan)
-        except OSError as exc:
+        except OSError as exc:  # (a plan the config let through but the fence refuses is a bug: ValueError)
             raise OSError(
                 exc.errno, f"{exc.strerror} (sandbox.fence=false runs the machines without a fence)"
             ) from None
@@ -159,8 +163,14 @@ class HostObjects:
         await trio.to_thread.run_sync(remove)
 
     async def _drop_cgroup(self, record: ResourceRecord) -> None:
-        hierarchy = self.sandbox.hierarchy or cgroups.Hierarchy.detect()  # no_sandbox now, say
-        await trio.to_thread.run_sync(hierarchy.remove, str(record.data["name"]), str(record.data.get("parent", "")))
+        def remove() -> None:
+            hierarchy = self.sandbox.hierarchy or cgroups.Hierarchy.detect()  # no_sandbox now, say
+            try:
+                hierarchy.remove(str(record.data["name"]), str(record.data.get("parent", "")))
+            except ValueError as exc:  # a name or parent that is not one of ours
+                raise NotOurs(str(exc)) from None
+
+        await trio.to_thread.run_sync(remove)
 
     async def _drop_link(self, record: ResourceRecord) -> None:
         await trio.to_thread.run_sync(netns.delete_link, str(record.data["link"]))

@@ -147,7 +147,7 @@ class Node:
             log.info("Use this key as the recipient for encrypted run requests", public_xkey=identity.public_xkey)
             # Watched to the very end: a signal during the teardown must not kill the node half-way (its
             # default action, or trio re-delivering one nobody read), leaving what it had yet to release.
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
                 async with trio.open_nursery() as watcher:
                     watcher.start_soon(self._watch_signals, state, signals)
                     try:
@@ -169,6 +169,8 @@ class Node:
                 nursery.start_soon(trio.to_thread.run_sync, netns.warm_up)
             with trio.CancelScope() as startup:
                 self._startup = startup
+                if state.stop_requested.is_set():  # a signal came before there was a start to cancel
+                    startup.cancel()
                 publisher = await self._start_tree(nursery, state, aio, host_objects)
                 publisher.emit(
                     events.NODE_STARTED,
@@ -323,6 +325,8 @@ class Node:
         try:
             hierarchy: cgroups.Hierarchy | str = cgroups.Hierarchy.detect() if privileged else "the node is not root"
         except cgroups.CgroupError as exc:
+            if wanted.cgroups:  # fails closed: machines without limits only if the operator says so
+                raise NodeError(f"{exc} (sandbox.cgroups=false runs machines without limits)") from None
             hierarchy = str(exc)
         host = HostSupport(
             privileged=privileged,

@@ -43,9 +43,8 @@ entry must never make the node kill processes or remove cgroups that are not its
 All calls block (the node makes them from a worker thread). :meth:`Hierarchy.create` is on every
 machine's start, so it does the least it can: no mount table read (a :class:`Hierarchy` is detected
 once), string paths and ``os.open``/``os.write`` rather than :mod:`pathlib` helpers, and only the writes
-that change something (a new v1 cgroup's CFS period is already the kernel's default of 100 ms). On the
-cgroup v1 test host that is about 0.27 ms a create (p50), of which the kernel's four ``mkdir`` and four
-writes take 0.24 ms; a write through ``Path.write_text`` would cost 31 µs instead of 8.
+that change something (a new v1 cgroup's CFS period is already the kernel's default of 100 ms): the
+kernel's own ``mkdir`` and writes are most of its cost.
 """
 
 from __future__ import annotations
@@ -635,7 +634,7 @@ def _read(path: str) -> str:
 
 
 def _write_raw(path: str, value: str) -> None:
-    # O_TRUNC is ignored by cgroupfs (as for the shell's `echo 1 > file`) and costs ~1 µs; it keeps a
+    # O_TRUNC is ignored by cgroupfs (as for the shell's `echo 1 > file`) and costs nothing; it keeps a
     # plain file, such as the tests' stand-in for a cgroup2 tree, holding exactly what was written.
     fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
     try:

@@ -29,9 +29,11 @@ As root (the node's normal case), after nsjail and Firecracker's jailer:
 6. ``PR_SET_NO_NEW_PRIVS``; then **seccomp** (:mod:`.seccomp`), last.
 
 Without root (``rootless``: an unprivileged node), the user namespace comes first, mapping uid 0 to
-the node's own uid as bubblewrap does, and the other steps run inside it; the workload also gets a
-network namespace with only loopback (no veth can be made without root), and no ``/proc`` (mounting
-one needs a PID namespace of the user namespace's own, which the agent could not make).
+the node's own uid as bubblewrap does, and the other steps run inside it, a PID namespace among them
+(the workload is its pid 1: it shares its uid with the node and the operator, and must not be able to
+signal them); the workload also gets a network namespace with only loopback (``own_network``: no
+veth can be made without root), and no ``/proc`` (a proc mount takes the PID namespace of whoever
+mounts it, and init is not in the workload's).
 
 Init applies the same jail to itself: by the time the workload exists, its parent has nothing the
 workload lacks. Init and every later step are single-threaded: no step may start a thread.
@@ -68,10 +70,9 @@ class JailError(OSError):
 
 @dataclass
 class Built:
-    """A finished jail, ready for its workload: where the artifact goes and what was applied."""
+    """A finished jail, ready for its workload: where its artifact goes."""
 
     artifact_fd: int
-    applied: list[str]
 
 
 def build(spec: api.Jail, mountpoint: str) -> Built:
@@ -81,29 +82,32 @@ def build(spec: api.Jail, mountpoint: str) -> Built:
     it is only covered in this process's own mount namespace). Raises :class:`JailError`.
     """
     privileged = not spec.rootless
-    applied: list[str] = []
     step = "namespaces"
     try:
         last = linux.last_capability()  # read while the host's /proc is there
         if not privileged:
             step = "user namespace"
             _enter_user_namespace(os.geteuid(), os.getegid())
-            applied.append("user namespace (unprivileged)")
         step = "namespaces"
         flags = linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWCGROUP
+        if spec.own_network:
+            flags |= linux.CLONE_NEWNET  # the agent is on the host's network: the workload gets none
         if spec.rootless:
-            flags |= linux.CLONE_NEWNET  # the agent is on the host's loopback: the workload gets none
+            # The agent could not make a PID namespace: the workload, init's next child, is pid 1 of
+            # one made here, so that it can signal nothing of its uid outside (the node's, the
+            # operator's) and what it starts ends with it.
+            flags |= linux.CLONE_NEWPID
         linux.unshare(flags, "unshare the mount, UTS, IPC and cgroup namespaces")
-        applied.append("namespaces")
         step = "root filesystem"
         artifact_fd = _build_root(spec, mountpoint, privileged=privileged)
-        applied.append("root filesystem")
         step = "hostname"
         linux.sethostname(spec.hostname)
         step = "rlimits"
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         nofile = spec.nofile if privileged or hard == resource.RLIM_INFINITY else min(spec.nofile, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+        if privileged:  # the uid is the machine's alone: a second bound on forks, beside its cgroup
+            resource.setrlimit(resource.RLIMIT_NPROC, (spec.pids_max, spec.pids_max))
         # 1 byte, not 0: no core file can be that small, and a core_pattern that pipes to a helper
         # (systemd-coredump, apport) ignores the limit unless it is exactly 1 (fs/coredump.c); the
         # filter keeps the workload from changing it
@@ -116,29 +120,24 @@ def build(spec: api.Jail, mountpoint: str) -> Built:
             os.setgroups([])
             os.setresgid(spec.uid, spec.uid, spec.uid)
             os.setresuid(spec.uid, spec.uid, spec.uid)
-            applied.append(f"uid {spec.uid}")
             if spec.user_namespace:
                 step = "user namespace"
                 _enter_user_namespace(spec.uid, spec.uid)
-                applied.append("user namespace")
         step = "capabilities"
         if not privileged or spec.user_namespace:  # a new user namespace starts with a full set
             linux.drop_bounding_set(last)
             linux.prctl(linux.PR_SET_SECUREBITS, linux.SECURE_LOCKED_NOROOT, "lock the securebits")
         linux.clear_capabilities()
-        applied.append("no capabilities")
         linux.set_dumpable(False)  # the workload (same uid) cannot reach into init's memory
         linux.die_with_parent()  # a change of credentials clears the death signal: arm it again
         step = "no_new_privs"
         linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")
-        applied.append("no_new_privs")
         if spec.seccomp:
             step = "seccomp"
             seccomp.apply(seccomp.program())
-            applied.append("seccomp")
-    except (OSError, seccomp.SeccompUnavailable) as exc:
+    except Exception as exc:  # any failure (a limit the kernel refuses is a ValueError) fails closed
         raise JailError(getattr(exc, "errno", None) or errno.EPERM, f"jail step '{step}' failed: {exc}") from None
-    return Built(artifact_fd=artifact_fd, applied=applied)
+    return Built(artifact_fd=artifact_fd)
 
 
 def _enter_user_namespace(outside_uid: int, outside_gid: int) -> None:

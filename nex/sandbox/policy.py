@@ -52,6 +52,7 @@ class Sandbox:
         self.enabled = not config.no_sandbox
         wanted = config.sandbox
         self.privileged = host.privileged
+        self.namespaced = host.namespaced
         self.user_namespace = self.enabled and wanted.user_namespace and host.user_namespaces is None
         self.seccomp = self.enabled and wanted.seccomp  # missing: each deploy is refused, saying why
         self.hierarchy = (
@@ -64,12 +65,9 @@ class Sandbox:
 
     def _protections(self, host: HostSupport) -> list[Protection]:
         wanted = self.config.sandbox
-        if host.privileged:
-            basics = "own mount, UTS, IPC, cgroup and PID namespaces, root by pivot_root"
-        else:
-            basics = (
-                "own mount, UTS, IPC, cgroup and network namespaces, root by pivot_root; no /proc, no PID namespace"
-            )
+        basics = "own mount, UTS, IPC, cgroup and PID namespaces, root by pivot_root"
+        if not host.privileged:
+            basics += "; no /proc (its PID namespace is made inside its user namespace, for its own)"
         found = [Protection("namespaces", "on", basics)]
 
         def judge(name: str, wanted_on: bool, reason: str | None, detail: str = "") -> Protection:
@@ -93,7 +91,7 @@ class Sandbox:
         if host.namespaced:
             found.append(judge("network fence", wanted.fence, None, "only the internal NATS server"))
         else:
-            found.append(Protection("network fence", "on", "no network at all: the node cannot make veths"))
+            found.append(Protection("network fence", "on", "no network but loopback: no veth without CAP_NET_ADMIN"))
         return found
 
     @property
@@ -136,6 +134,8 @@ class Sandbox:
             user_namespace=self.user_namespace,
             seccomp=self.seccomp,
             rootless=not self.privileged,
+            own_network=not self.namespaced,
+            pids_max=template.pids_max,
             memory_mib=template.memsize_mib,
             disk_mib=template.disk_mib,
             nofile=template.nofile,

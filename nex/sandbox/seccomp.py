@@ -24,7 +24,7 @@ A default-allow list is what the issue asks for ("at least what Docker denies");
 language runtime working. Its limit (a syscall added by a later kernel is allowed) is written down in
 docs/security.md.
 
-The program is compiled once per process (:func:`program`, about a millisecond) and applied with one
+The program is compiled once per process (:func:`program`; the zygote does it for every agent) and applied with one
 ``prctl`` (:func:`apply`), so that a workload's init pays only for the latter.
 """
 
@@ -128,9 +128,10 @@ def program() -> bytes:
             rules.add_rule(deny, "ioctl", sc.Arg(1, sc.MASKED_EQ, _LOW32, request))
         for flag in _UNSAFE_PERSONALITY:
             rules.add_rule(deny, "personality", sc.Arg(0, sc.MASKED_EQ, flag | _QUERY_BITS, flag))
-        for family in _DENIED_FAMILIES:
-            rules.add_rule(deny, "socket", sc.Arg(0, sc.MASKED_EQ, _LOW32, family))
-        rules.add_rule(deny, "socket", sc.Arg(0, sc.GE, _FIRST_DENIED_FAMILY))  # high bits set: also denied
+        for call in ("socket", "socketpair"):  # socketpair too: it makes the family's socket before refusing
+            for family in _DENIED_FAMILIES:
+                rules.add_rule(deny, call, sc.Arg(0, sc.MASKED_EQ, _LOW32, family))
+            rules.add_rule(deny, call, sc.Arg(0, sc.GE, _FIRST_DENIED_FAMILY))  # high bits set: also denied
         rules.add_rule(deny, "socket", sc.Arg(0, sc.MASKED_EQ, _LOW32, _AF_NETLINK), sc.Arg(2, sc.GT, 0))
         rules.add_rule(deny, "setrlimit", sc.Arg(0, sc.MASKED_EQ, _LOW32, _RLIMIT_CORE))
         rules.add_rule(deny, "prlimit64", sc.Arg(1, sc.MASKED_EQ, _LOW32, _RLIMIT_CORE), sc.Arg(2, sc.NE, 0))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from pathlib import Path
 
 from nex import linux
@@ -25,23 +26,24 @@ def user_namespaces(uid: int | None) -> str | None:
     reason_r, reason_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:  # pragma: no cover (a child)
-        code = 0
+        code = 1  # until it has worked: a child that dies or is interrupted is a failed probe
         try:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # the parent's (trio's) handler is not ours
             os.close(reason_r)
             if uid is not None:
                 os.setgroups([])
                 os.setresgid(uid, uid, uid)
                 os.setresuid(uid, uid, uid)
-                linux.set_dumpable(True)
+            linux.set_dumpable(True)  # its own /proc/self, to write its maps (the node is not dumpable)
             outside_uid, outside_gid = os.geteuid(), os.getegid()
             linux.unshare(linux.CLONE_NEWUSER, "unshare(CLONE_NEWUSER)")
             for name, text in (("setgroups", "deny"), ("uid_map", f"0 {outside_uid} 1")):
                 Path(f"/proc/self/{name}").write_text(text)
             Path("/proc/self/gid_map").write_text(f"0 {outside_gid} 1")
+            code = 0
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.write(reason_w, str(exc).encode())
-            code = 1
         finally:
             os._exit(code)
     os.close(reason_w)
@@ -78,9 +80,5 @@ def seccomp_filter() -> str | None:
 
 
 def privileged() -> bool:
-    """Root with the capabilities a jail is built with (CAP_SYS_ADMIN, CAP_SETUID, CAP_SETGID)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("CapEff:"):
-            effective = int(line.split()[1], 16)
-            return os.geteuid() == 0 and all(effective & (1 << cap) for cap in (6, 7, 21))
-    return False
+    """Root with the capabilities a jail is built with (CAP_SETGID, CAP_SETUID, CAP_SYS_ADMIN)."""
+    return os.geteuid() == 0 and linux.has_capabilities(6, 7, 21)

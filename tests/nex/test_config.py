@@ -164,6 +164,11 @@ def test_keys_nex_knows_but_this_node_does_not_apply_are_flagged(tmp_path: Path)
             "Invalid enum value 'icmp' at $.sandbox.allow[0].protocol",
         ),
         ({"sandbox": {"nameservers": ["dns"]}}, "a nameserver must be an IP address at $.sandbox.nameservers[0]"),
+        (
+            {"sandbox": {"uid_base": 65534 - 9}},
+            "sandbox.uid_base gives machines the uids of users of this host (nobody): choose a range no user has "
+            "at $.sandbox.uid_base",
+        ),
         ([], "the config must be a JSON object at $"),
     ],
 )

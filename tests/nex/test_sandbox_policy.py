@@ -76,7 +76,7 @@ def test_a_node_without_root_jails_from_a_user_namespace_of_its_own() -> None:
     sandbox = Sandbox(config.load(None).config, host)
     found = states(sandbox)
     assert found["cgroups"] == "missing"
-    assert "no PID namespace" in next(p.detail for p in sandbox.protections if p.name == "namespaces")
+    assert "no /proc" in next(p.detail for p in sandbox.protections if p.name == "namespaces")
     jail = sandbox.jail("x" * 20, sandbox.uid_for(None), [])
     assert jail is not None
-    assert jail.rootless
+    assert (jail.rootless, jail.own_network) == (True, True)
