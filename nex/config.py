@@ -71,6 +71,8 @@ class MachineTemplate(msgspec.Struct, kw_only=True, omit_defaults=True):
     disk_mib: int = 64  # the workload's writable area (/tmp, /work, /dev/shm): full means ENOSPC
     nofile: int = 1024  # open files per process
     cpuset: str = ""  # CPUs the machine may run on ("0-1", "2"); "" = any
+    log_lines_per_second: int = 100  # how fast its output goes out as log messages (0: unbounded)
+    log_bytes_per_second: int = 256 << 10
 
 
 class BindMount(msgspec.Struct, kw_only=True):
@@ -251,6 +253,8 @@ def validate(config: NodeConfig) -> list[str]:
     at_least(config.machine_template.pids_max, 8, "$.machine_template.pids_max")
     at_least(config.machine_template.disk_mib, 1, "$.machine_template.disk_mib")
     at_least(config.machine_template.nofile, 16, "$.machine_template.nofile")
+    at_least(config.machine_template.log_lines_per_second, 0, "$.machine_template.log_lines_per_second")
+    at_least(config.machine_template.log_bytes_per_second, 0, "$.machine_template.log_bytes_per_second")
     if config.machine_template.nofile > NR_OPEN:
         problems.append(
             f"machine_template.nofile must be <= {NR_OPEN} (the kernel's nr_open) at $.machine_template.nofile"

@@ -167,7 +167,7 @@ async def start(meta: api.MachineMetadata, stopped: asyncio.Event) -> Client | N
     # Connected: reconnects from now on are patient. nats-py reads these two per attempt.
     nc.options["max_reconnect_attempts"] = RECONNECT_ATTEMPTS
     nc.options["reconnect_time_wait"] = RECONNECT_WAIT
-    runner = Runner(nc, meta.vmid, stopped, log, jail=meta.jail, workdir=os.getcwd())
+    runner = Runner(nc, meta.vmid, stopped, log, jail=meta.jail, workdir=os.getcwd(), log_budget=meta.log_budget)
     RUNNERS[meta.vmid] = runner
     try:
 

@@ -7,11 +7,22 @@ sha256 against the request, and has it started, jailed, with the request's argv 
 it starts ends with it; it dies with the agent (its init is forked and jailed as the artifact arrives,
 see :mod:`.launchpad`). It then confirms, reports ``workload_started``, streams stdout (level info)
 and stderr (level error) line by line on ``agentint.{vmid}.logs``, and reports ``workload_stopped``
-with the exit code when it ends, saying so when the kernel killed it for exceeding the machine's
-memory.
+with the exit code when it ends (after its last line), saying so when the kernel killed it for
+exceeding the machine's memory.
+
+Its output goes out no faster than its machine's :class:`~nex.api.agent.LogBudget` (lines and bytes
+a second, with a burst), stdout and stderr together: one log message per line costs the node, whose
+work is not limited by any machine's cgroup, and one workload printing a million short lines a second
+starved every other machine of the node. The budget is kept by backpressure, not by dropping: when
+it is spent the agent stops reading the workload's pipes until it is back, the pipes fill, and the
+workload blocks on its own writes. Every line arrives, in order, just later. A line longer than the
+reader's limit (:data:`LINE_LIMIT`) goes out in pieces of at most that many bytes. The agent says in
+its own log, once the workload has ended, how long its output was held back.
 
 On ``undeploy`` it sends the workload SIGTERM, waits up to ``grace`` seconds, then SIGKILL, and
-answers once the workload is gone. Either way, once the workload has ended the agent's job is done.
+answers once the workload is gone. The grace covers the output still held back too: what has not
+gone out by then is dropped (the agent says how much), so that a stop never waits on the budget.
+Either way, once the workload has ended the agent's job is done.
 """
 
 from __future__ import annotations
@@ -30,10 +41,12 @@ from nex.api import agent as api
 from nex.sandbox import cgroups
 
 from .launchpad import Launchpad, Workload
+from .output import LogGate, describe, pump
 from .store_watch import StoreWatch
 
 LINE_LIMIT = 1 << 20
 UNDEPLOY_GRACE = 5.0
+EXIT_DRAIN = 10.0  # seconds the output still held back by the budget may take after the workload ended
 FETCH_TIMEOUT = 10.0  # the node asks only once the artifact is stored: it is here, or something broke
 
 _encoder = msgspec.json.Encoder()
@@ -48,11 +61,16 @@ class Runner:
         log: Callable[[str], None],
         jail: api.Jail | None = None,
         workdir: str = ".",
+        log_budget: api.LogBudget | None = None,
     ) -> None:
+        """``log_budget``: how fast the workload's output may go out (None: the defaults of
+        :class:`~nex.api.agent.LogBudget`, the same with or without a jail)."""
         self.nc = nc
         self.vmid = vmid
         self.jail = jail
         self.workdir = workdir
+        self.log_budget = api.LogBudget() if log_budget is None else log_budget
+        self.gate = LogGate(self.log_budget)
         self._oom_kills = 0  # the machine's count when the workload started
         self.finished = finished
         self.log = log
@@ -118,6 +136,7 @@ class Runner:
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
+            self.gate.cut()  # what the budget still holds back would keep the stop waiting: dropped
             await self.ended.wait()
 
     def close(self) -> None:
@@ -181,17 +200,40 @@ class Runner:
 
     async def _pump(self, stream: asyncio.StreamReader, level: int) -> None:
         assert self.request is not None
-        while line := await stream.readline():
-            entry = api.LogEntry(
-                source=self.request.workload_name, level=level, text=line.decode(errors="replace").rstrip("\n")
+        name = self.request.workload_name
+
+        async def emit(text: str) -> None:
+            await self.nc.publish(
+                api.logs(self.vmid), _encoder.encode(api.LogEntry(source=name, level=level, text=text))
             )
-            await self.nc.publish(api.logs(self.vmid), _encoder.encode(entry))
+
+        await pump(stream, LINE_LIMIT, self.gate, emit)
+
+    def _report_output(self, name: str) -> None:
+        """Say, once, whether the budget held the workload's output back, and what a stop dropped."""
+        gate = self.gate
+        if gate.held_back > 0:
+            self._say(
+                f"workload {name} wrote faster than its log budget of {describe(self.log_budget)}: "
+                f"its output was held back for {gate.held_back:.1f} s in all"
+            )
+        if gate.dropped_lines:
+            self._say(
+                f"workload {name} ended (or was stopped) before {gate.dropped_lines} lines "
+                f"({gate.dropped_bytes} bytes) of its output could go out within its log budget: they were dropped"
+            )
 
     async def _wait_exit(self) -> None:
         assert self.process is not None
         assert self.request is not None
         code = await self.process.wait()
-        await asyncio.gather(*self._pumps, return_exceptions=True)  # every line out before the end
+        # every line out before the end, within EXIT_DRAIN: a workload that printed far past its
+        # budget and exited must not hold its workload_stopped back for minutes
+        _, pending = await asyncio.wait(self._pumps, timeout=EXIT_DRAIN)
+        if pending:
+            self.gate.cut()
+            await asyncio.gather(*pending, return_exceptions=True)
+        self._report_output(self.request.workload_name)
         message = f"exited with code {code}" if code >= 0 else f"killed by signal {-code}"
         if code == -9 and self._count_oom_kills() > self._oom_kills:
             assert self.jail is not None

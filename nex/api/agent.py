@@ -103,14 +103,12 @@ class LogBudget(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     (see :mod:`nex.agent.runner`). Without it one workload printing short lines as fast as it can makes
     its node relay a million messages a second, and the node's other machines pay for it.
 
-    The defaults are sized for a node of 32 machines all writing as fast as they can: the node relays
-    each line as a message, at a cost of 100-300 µs of its CPU (measured on 2 cores), through one
-    mailbox of 4096 messages that deploys and the agents' events go through too. 32 × 100 lines a
-    second cost a 2-core node about 0.4 of a CPU, and 32 bursts of 100 lines fit in that mailbox at once
-    (at 1000 lines/s and bursts of 2000, 8 such workloads made the node drop messages, a deploy among
-    them). A person following a log reads far fewer than 100 lines a second, and a burst takes a
-    start-up banner or a stack trace at once. 256 KiB/s (about 3000 lines of 80 characters) binds only
-    workloads writing long lines. 0 lifts that one limit (for workloads the operator trusts).
+    The defaults are sized for a node of 32 machines all writing as fast as they can. The node relays
+    every line as a message of its own, through the one mailbox (4096 messages) that deploys and the
+    agents' events share: 32 times the rate must stay well within what the node relays, and 32 bursts
+    must fit in that mailbox at once. A person following a log reads far fewer than 100 lines a second,
+    and a burst takes a start-up banner or a stack trace at once; the byte rate binds only workloads
+    writing long lines. 0 lifts that one limit (for workloads the operator trusts).
     """
 
     lines_per_second: Annotated[float, msgspec.Meta(ge=0)] = 100

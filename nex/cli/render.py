@@ -1,7 +1,15 @@
-"""How the CLI shows things: rich tables for people, JSON for programs."""
+"""How the CLI shows things: rich tables for people, JSON for programs.
+
+What a workload or any other publisher on the bus wrote (log text, event data) reaches the operator's
+terminal through ``nex logs`` and ``nex events``, so it is shown defanged: a terminal acts on control
+characters (ESC starts sequences that set the window title, write the clipboard with OSC 52, erase
+lines; CR returns to the start of the line, so a line can be printed over with a forged one), and
+nothing a tenant wrote may act on the operator's terminal. See :func:`visible` and :func:`json_line`.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import msgspec
@@ -13,6 +21,12 @@ from rich.text import Text
 from nex.api import control, events
 
 LAMEDUCK_MARK = "*"
+
+_CONTROLS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+"""What a terminal may act on: the C0 controls but tab (harmless, and common in output), DEL, and the
+C1 controls (U+0080..U+009F: CSI, OSC and others in one character, which some terminals honour)."""
+_RAW_IN_JSON = re.compile("[\x7f-\x9f]")
+"""The controls JSON leaves raw in its strings (it must escape only U+0000..U+001F)."""
 
 
 def to_json(value: object) -> str:
@@ -111,8 +125,34 @@ def _actors(rows: Sequence[control.ActorSummary]) -> Table:
     return table
 
 
+def visible(text: str) -> str:
+    """``text`` with every control character a terminal would act on shown as ``\\xNN`` instead.
+
+    Tab stays as it is, and a backslash is not doubled: a workload printing ``\\x1b`` literally
+    looks like one that printed ESC, which is harmless (the point is that nothing it prints acts on
+    the terminal, not that the output can be decoded back). Newlines are escaped too, so one message
+    is always one line, and no message can start a line of its own that looks like someone else's.
+    """
+    return _CONTROLS.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+
+
+def json_line(value: object) -> str:
+    """``value`` as one line of JSON that is safe to print on a terminal.
+
+    JSON escapes U+0000..U+001F in strings but leaves DEL and the C1 controls raw; they are escaped
+    here as ``\\u00NN``, which any JSON parser reads back as the same string. Outside strings the
+    encoder writes no whitespace at all, so the line has no control character anywhere.
+    """
+    text = msgspec.json.encode(value).decode()
+    return _RAW_IN_JSON.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
+
+
 def log_line(subject: str, data: bytes, as_json: bool) -> str | None:
-    """One ``$NEX.logs.{ns}.{node}.{workload}.{vmid}`` message as a line (None if it is not one)."""
+    """One ``$NEX.logs.{ns}.{node}.{workload}.{vmid}`` message as a line (None if it is not one).
+
+    In text mode every field is shown through :func:`visible` (the subject's tokens and the level
+    come off the bus too, not only the workload's text); in JSON mode through :func:`json_line`.
+    """
     tokens = subject.split(".")
     try:
         raw = msgspec.json.decode(data, type=control.RawLog)
@@ -132,21 +172,26 @@ def log_line(subject: str, data: bytes, as_json: bool) -> str | None:
             level=raw.level,
             id=raw.id,
         )
-        return msgspec.json.encode(emitted).decode()
-    return f"{_now()[11:23]} {workload} {vmid} {raw.level:<5} {raw.text}"
+        return json_line(emitted)
+    return visible(f"{_now()[11:23]} {workload} {vmid} {raw.level:<5} {raw.text}")
 
 
 def event_line(data: bytes, as_json: bool) -> str | None:
-    """One CloudEvent as a line: time, source node, type and its data (None if it is not one)."""
+    """One CloudEvent as a line: time, source node, type and its data (None if it is not one).
+
+    JSON mode prints the event re-encoded (:func:`json_line`), not the bytes as they came: JSON lets
+    a publisher put CR and LF between tokens and DEL or C1 controls raw in strings, and each would
+    reach the terminal. Re-encoded, it is the same JSON value (keys in their order) on one line.
+    """
     try:
         event = msgspec.json.decode(data, type=events.CloudEvent)
     except msgspec.DecodeError:
         return None
     if as_json:
-        return data.decode(errors="replace")
+        return json_line(msgspec.json.decode(data))
     details = event.data if isinstance(event.data, dict) else {}
     summary = " ".join(f"{k}={v}" for k, v in details.items() if not isinstance(v, dict | list))
-    return f"{event.time[11:23]} {event.source[:12]}… {event.type:<22} {summary}"
+    return visible(f"{event.time[11:23]} {event.source[:12]}… {event.type:<22} {summary}")
 
 
 def _now() -> str:

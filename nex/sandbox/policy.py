@@ -123,6 +123,12 @@ class Sandbox:
             cpuset=template.cpuset,
         )
 
+    def log_budget(self) -> api.LogBudget:
+        """How fast a machine's output may go out (with or without a jail: it protects the node)."""
+        template = self.config.machine_template
+        lines, nbytes = template.log_lines_per_second, template.log_bytes_per_second
+        return api.LogBudget(lines_per_second=lines, bytes_per_second=nbytes, burst_lines=lines, burst_bytes=nbytes)
+
     def jail(self, vmid: str, uid: int, cgroup: list[str]) -> api.Jail | None:
         """The jail of machine ``vmid`` (None under ``no_sandbox``)."""
         if not self.enabled:

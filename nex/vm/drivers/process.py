@@ -39,7 +39,7 @@ class ProcessDriver:
         cgroup = await self._prepare_cgroup(machine) if self.sandbox.hierarchy is not None else []
         address = machine.network.address if machine.network is not None else None
         jail = self.sandbox.jail(machine.vmid, self.sandbox.uid_for(address), cgroup)
-        machine.metadata = msgspec.structs.replace(machine.metadata, jail=jail)
+        machine.metadata = msgspec.structs.replace(machine.metadata, jail=jail, log_budget=self.sandbox.log_budget())
         machine.dir.write_json("driver.json", facts)
         machine.dir.write_json("metadata.json", msgspec.structs.replace(machine.metadata, node_nats_nkey=""))
 
