@@ -108,7 +108,8 @@ async def deploys(url: str, data: bytes, node_ids: dict[str, str], *, fresh: boo
     await nc.flush()
     samples = {mode: {"reply": [], "started": []} for mode in nodes}
     for round_, (mode, node) in enumerate((m, n) for _ in range(DEPLOYS) for m, n in nodes.items()):
-        await wait_pool_full(client, node.node_id)
+        for other in nodes.values():  # the other node's refill must not run during this deploy
+            await wait_pool_full(client, other.node_id)
         if fresh:
             artifact = await client.upload(data + round_.to_bytes(8, "little"), "bench")
         deploy = workload_request.Deploy(

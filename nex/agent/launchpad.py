@@ -55,7 +55,12 @@ READY, STARTED, FAILED = b"R", b"S", b"F"
 
 
 class _Command(msgspec.Struct, array_like=True):
-    artifact: bytes
+    """What init runs: written on the command pipe as its length (4 bytes), itself, then the
+    artifact's ``size`` bytes, which init moves straight into the artifact's file (``splice``): the
+    artifact is never copied through Python in init, nor re-encoded in the agent (its copies would all
+    count against the machine's memory)."""
+
+    size: int
     argv: list[str]
     env: dict[str, str]
 
@@ -140,10 +145,12 @@ class Launchpad:
         os.set_blocking(self._status_r, False)
         try:
             await self._expect(READY, "before it was ready")  # the jail is built: init reads now
-            command = memoryview(msgspec.msgpack.encode(_Command(artifact, argv, env)))
+            header = msgspec.msgpack.encode(_Command(len(artifact), argv, env))
             with contextlib.suppress(BrokenPipeError):  # init died meanwhile: its status says so
-                while command:  # a pipe takes 64 KiB at a time, which init reads as they come
-                    command = command[os.write(self._command_w, command) :]
+                for part in (len(header).to_bytes(4, "big"), header, artifact):
+                    view = memoryview(part)
+                    while view:  # a pipe takes 64 KiB at a time, which init takes as they come
+                        view = view[os.write(self._command_w, view) :]
             os.close(self._command_w)
             await self._expect(STARTED, "before starting the workload")
         except LaunchFailed:
@@ -257,14 +264,13 @@ def _run_init(parent: int, contained: bool, pipes: _InitPipes, jail: api.Jail | 
             except jails.JailError as exc:
                 _fail(pipes, f"the workload's jail could not be built: {exc.strerror}")
         os.write(pipes.status, READY)
-        data = _read_all(pipes.command)
-        if not data:
+        length = _read_exactly(pipes.command, 4)
+        if not length:
             os._exit(0)  # the agent let it go
         try:
-            command = msgspec.msgpack.decode(data, type=_Command)
-            del data
-            path, cwd = _place_artifact(command.artifact, built, workdir)
-            command.artifact = b""  # the copy that runs is the file: init must not hold another
+            header = _read_exactly(pipes.command, int.from_bytes(length, "big"))
+            command = msgspec.msgpack.decode(header, type=_Command)
+            path, cwd = _place_artifact(pipes.command, command.size, built, workdir)
             workload = _spawn(path, command, cwd, contained, pipes)
         except Exception as exc:  # not only OSError: a NUL in argv is a ValueError; any failure is said
             _fail(pipes, f"cannot run the workload: {exc}")
@@ -299,8 +305,9 @@ def _fresh_process_state() -> None:
     linux.libc.personality(0)  # PER_LINUX: address-space randomisation on, whatever setarch said
 
 
-def _place_artifact(artifact: bytes, built: jails.Built | None, workdir: str) -> tuple[str, str]:
-    """Write the artifact where it runs from; its path and the workload's working directory.
+def _place_artifact(source: int, size: int, built: jails.Built | None, workdir: str) -> tuple[str, str]:
+    """Move the artifact's ``size`` bytes from ``source`` (the command pipe) to where it runs from; its
+    path and the workload's working directory.
 
     In a jail: through the descriptor the jail opened (nothing of the workload existed then to plant
     a link). Without one: a new file in the agent's own directory, never following a link.
@@ -311,9 +318,12 @@ def _place_artifact(artifact: bytes, built: jails.Built | None, workdir: str) ->
         path, cwd = os.path.join(workdir, "workload"), workdir
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o755)
     try:
-        view = memoryview(artifact)
-        while view:
-            view = view[os.write(fd, view) :]
+        left = size
+        while left:
+            moved = os.splice(source, fd, left)
+            if not moved:
+                raise EOFError(f"the artifact ended {left} bytes short")
+            left -= moved
     finally:
         os.close(fd)  # before the exec: a file open for writing cannot be executed (ETXTBSY)
     return path, cwd
@@ -359,10 +369,12 @@ def _close_fds_except(keep: set[int]) -> None:
                 os.close(fd)
 
 
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 65536):
+def _read_exactly(fd: int, size: int) -> bytes:
+    """``size`` bytes from ``fd`` (fewer only at its end)."""
+    chunks, left = [], size
+    while left and (chunk := os.read(fd, left)):
         chunks.append(chunk)
+        left -= len(chunk)
     return b"".join(chunks)
 
 

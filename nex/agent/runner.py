@@ -46,6 +46,10 @@ from .store_watch import StoreWatch
 
 LINE_LIMIT = 1 << 20
 UNDEPLOY_GRACE = 5.0
+JAIL_AHEAD_DELAY = 1.0
+"""Seconds after the handshake before a warm machine forks its workload's init and builds its jail:
+then a deploy finds it built (on the deploy's path it cost a few ms), yet the pool's fill, when many
+machines start at once, does not pay for it. A deploy that comes sooner forks as its artifact arrives."""
 EXIT_DRAIN = 10.0  # seconds the output still held back by the budget may take after the workload ended
 FETCH_TIMEOUT = 10.0  # the node asks only once the artifact is stored: it is here, or something broke
 
@@ -149,12 +153,15 @@ class Runner:
         """Get ready for a deploy once the machine is ready: watch the store (in the background; a
         deploy waits for it)."""
         self._watching = asyncio.ensure_future(self._start_watching())
+        if self.jail is not None:  # its init builds the jail while the machine waits warm
+            asyncio.get_running_loop().call_later(JAIL_AHEAD_DELAY, self._fork_launchpad)
 
     def _fork_launchpad(self) -> None:
-        """The artifact is arriving, so a deploy is coming: fork the launchpad now, while the node
-        finishes writing, rather than at the deploy (on its path) or at the start (on every
-        machine's, and in every machine's memory). Only while the agent has one thread (nats-py
-        starts none; forking a threaded process is not safe); else the deploy forks."""
+        """Fork the launchpad (its init builds the workload's jail): once the machine has been warm
+        for :data:`JAIL_AHEAD_DELAY` (jailed machines), or when the artifact starts arriving, while
+        the node finishes writing it, rather than at the deploy (on its path). Only while the agent
+        has one thread (nats-py starts none; forking a threaded process is not safe); else the
+        deploy forks."""
         if self.launchpad is None and self.process is None and threading.active_count() == 1:
             self.launchpad = self._new_launchpad()
 
