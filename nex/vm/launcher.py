@@ -27,6 +27,7 @@ from . import zygote
 
 log = logs.get("nex.vm")
 
+PIPE_BUF_MIN = 4096  # what a new pipe holds at least (one page, for a user past pipe-user-pages-soft)
 STOP_GRACE = 2.0  # seconds an agent has to exit on SIGTERM before SIGKILL
 ANSWER_GRACE = 2.0  # seconds a release waits for the zygote's answer to a launch it cut off
 
@@ -122,11 +123,14 @@ class SpawnLauncher:
     name = "spawn"
 
     async def launch(self, spec: LaunchSpec, cleanup: CleanupStack) -> AgentProcess:
+        metadata = msgspec.json.encode(spec.metadata)
+        if len(metadata) > PIPE_BUF_MIN:  # written before the agent reads: it must fit in the pipe
+            raise LaunchFailed(f"the metadata of {spec.vmid} is too large for a pipe ({len(metadata)} bytes)")
         out = os.open(spec.stdout, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         err = os.open(spec.stderr, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         meta_r, meta_w = os.pipe2(os.O_CLOEXEC)
         try:
-            os.write(meta_w, msgspec.json.encode(spec.metadata))
+            os.write(meta_w, metadata)
         finally:
             os.close(meta_w)
         try:

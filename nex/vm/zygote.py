@@ -91,7 +91,7 @@ def main() -> None:
             os.read(wake_r, 4096)
             _reap(sock)
         if sock.fileno() in readable:
-            data = sock.recv(1 << 16)
+            data = sock.recv(1 << 20)  # a request holds the machine's metadata: room for its mounts
             if not data:
                 return  # the node closed the socket: it is gone or stopping us
             request = decoder.decode(data)
