@@ -13,7 +13,6 @@ import os
 import random
 import secrets
 import socket
-import subprocess
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -24,7 +23,6 @@ import pytest
 
 from nex.net import fence, netns
 from nex.net.fence import FencePlan, Opening
-from nex.net.rtnl import Rtnl
 
 pytestmark = [
     pytest.mark.integration,
@@ -100,32 +98,23 @@ class Lab:
         return ipaddress.IPv4Network(f"198.{18 + index}.{self.base}.0/24")  # 198.18.0.0/15: for tests
 
     def machine(self, index: int, host: int, group: int) -> Machine:
-        """A machine made as netns.create makes one, but with a /32 address routed via the gateway (as CNI's
-        ptp plugin does), so that traffic to another machine goes through the host, where the fence is."""
+        """A machine made by the node's own code (netns.create: a /32 address routed via the gateway, as
+        CNI's ptp plugin does, so that traffic to another machine goes through the host, where the fence
+        is), its host link in ``group``."""
         tag = secrets.token_hex(5)
         subnet = self.subnet(index)
         machine = Machine(f"nxt{tag}", f"nxt{tag}h", str(subnet[host]), str(subnet[1]))
-        subprocess.run(["ip", "netns", "add", machine.netns], check=True)
         self.machines.append(machine)
-        host_ns = os.open("/proc/self/ns/net", os.O_RDONLY)
-
-        def build_inside() -> None:
-            with Rtnl() as inside:
-                inside.add_veth("veth0", machine.link, peer_netns_fd=host_ns, peer_group=group)
-                inside.set_up("lo")
-                inside.add_address("veth0", machine.address, 32)
-                inside.set_up("veth0")
-                inside.add_route(machine.gateway, 32, device="veth0")
-                inside.add_route("0.0.0.0", 0, gateway=machine.gateway)
-
-        try:
-            in_netns(machine.netns, build_inside)
-        finally:
-            os.close(host_ns)
-        with Rtnl() as host:
-            host.add_address(machine.link, machine.gateway, 32)
-            host.set_up(machine.link)
-            host.add_route(machine.address, 32, device=machine.link)
+        network = netns.MachineNetwork(
+            netns=machine.netns,
+            host_link=machine.link,
+            guest_link="veth0",
+            address=machine.address,
+            prefixlen=32,
+            gateway=machine.gateway,
+            group=group,
+        )
+        netns.create(network)
         return machine
 
     def listen(self, machine: Machine | None = None) -> socket.socket:
