@@ -397,25 +397,9 @@ async def _read_message(fd: int) -> bytes:
 
 async def _read_to_end(fd: int) -> bytes:
     """Everything until end of file, read as it becomes readable (the caller closes the fd)."""
-    loop = asyncio.get_running_loop()
-    os.set_blocking(fd, False)
-    chunks: list[bytes] = []
-    done: asyncio.Future[None] = loop.create_future()
-
-    def readable() -> None:
-        try:
-            while chunk := os.read(fd, 65536):
-                chunks.append(chunk)
-        except BlockingIOError:
-            return
-        if not done.done():
-            done.set_result(None)
-
-    loop.add_reader(fd, readable)
-    try:
-        await done
-    finally:
-        loop.remove_reader(fd)
+    chunks = []
+    while chunk := await _read_message(fd):
+        chunks.append(chunk)
     return b"".join(chunks)
 
 

@@ -30,7 +30,7 @@ from nats.aio.msg import Msg
 
 from nex import linux
 from nex.api import agent as api
-from nex.sandbox import cgroups, seccomp
+from nex.sandbox import cgroups
 
 from .runner import UNDEPLOY_GRACE, Runner
 
@@ -70,7 +70,7 @@ def read_metadata(fd: int) -> api.MachineMetadata:
 
 
 def enter_machine(meta: api.MachineMetadata) -> None:
-    """What the agent does before anything else: hide its memory, join its cgroup, prepare the jail.
+    """What the agent does before anything else: hide its memory, join its cgroup.
 
     Raises:
         MetadataError: the machine's cgroup cannot be joined (its workload would not be limited).
@@ -86,9 +86,6 @@ def enter_machine(meta: api.MachineMetadata) -> None:
             raise MetadataError(f"cannot join the machine's cgroup {jail.cgroup[0]}: {exc}") from None
         with contextlib.suppress(OSError):  # the workload (1000) goes first when the machine is out of memory
             Path("/proc/self/oom_score_adj").write_text("-900")
-    if jail.seccomp:
-        with contextlib.suppress(seccomp.SeccompUnavailable):  # the jail reports it, at the deploy
-            seccomp.program()  # compiled once here rather than in each init
 
 
 def log(message: str) -> None:

@@ -14,6 +14,7 @@ import errno
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -110,18 +111,26 @@ def test_a_rootless_jail_holds_too(tmp_path: Path, binaries: Binaries) -> None:
 
 
 def _run_as_nobody(workdir: Path, hostile: bytes) -> list[str]:
+    def as_nobody() -> str:
+        os.setgroups([])
+        os.setresgid(65534, 65534, 65534)
+        os.setresuid(65534, 65534, 65534)
+        spec = jail(rootless=True, own_network=True, uid=0)  # as the policy makes it for a rootless node
+        return "\n".join(run(spec, workdir, hostile, ["escape"], {"CONNECT_1": "loopback=127.0.0.1:9"}))
+
+    return in_a_child(as_nobody).splitlines()
+
+
+def in_a_child(work: Callable[[], str]) -> str:
+    """``work()`` in a forked child (for what changes the process: its uid, a seccomp filter); what it
+    returned, or the error it raised, which fails the test."""
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover (the child)
         code = 1
         try:
             os.close(read)
-            os.setgroups([])
-            os.setresgid(65534, 65534, 65534)
-            os.setresuid(65534, 65534, 65534)
-            spec = jail(rootless=True, own_network=True, uid=0)  # as the policy makes it for a rootless node
-            lines = run(spec, workdir, hostile, ["escape"], {"CONNECT_1": "loopback=127.0.0.1:9"})
-            os.write(write, "\n".join(lines).encode())
+            os.write(write, work().encode())
             code = 0
         except BaseException as exc:
             os.write(write, repr(exc).encode())
@@ -129,10 +138,10 @@ def _run_as_nobody(workdir: Path, hostile: bytes) -> list[str]:
             os._exit(code)
     os.close(write)
     with os.fdopen(read, "rb") as pipe:
-        lines = pipe.read().decode().splitlines()
+        said = pipe.read().decode()
     _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, lines
-    return lines
+    assert os.waitstatus_to_exitcode(status) == 0, said
+    return said
 
 
 def test_a_jail_step_that_cannot_be_applied_refuses_the_workload(tmp_path: Path, binaries: Binaries) -> None:
@@ -164,28 +173,18 @@ def test_operator_mounts_are_read_only(tmp_path: Path, binaries: Binaries) -> No
 
 def test_the_seccomp_filter_denies_what_it_lists_and_lets_a_program_run() -> None:
     program = seccomp.program()
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover (the child)
-        code = 1
-        try:
-            os.close(read)
-            linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1, "no_new_privs")
-            seccomp.apply(program)
-            results = []
-            for call, args in (("unshare", (linux.CLONE_NEWNS,)), ("syscall", (435, 0, 0))):  # 435: clone3
-                result = getattr(linux.libc, call)(*args)
-                results.append(f"{result}:{ctypes.get_errno()}")
-            child = os.fork()
-            if child == 0:
-                os._exit(7)
-            results.append(str(os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])))
-            os.write(write, " ".join(results).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write)
-    with os.fdopen(read, "rb") as pipe:
-        results = pipe.read().decode().split()
-    os.waitpid(pid, 0)
-    assert results == [f"-1:{errno.EPERM}", f"-1:{errno.ENOSYS}", "7"]
+
+    def filtered() -> str:
+        linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1, "no_new_privs")
+        seccomp.apply(program)
+        results = []
+        for call, args in (("unshare", (linux.CLONE_NEWNS,)), ("syscall", (435, 0, 0))):  # 435: clone3
+            result = getattr(linux.libc, call)(*args)
+            results.append(f"{result}:{ctypes.get_errno()}")
+        child = os.fork()
+        if child == 0:
+            os._exit(7)
+        results.append(str(os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])))
+        return " ".join(results)
+
+    assert in_a_child(filtered).split() == [f"-1:{errno.EPERM}", f"-1:{errno.ENOSYS}", "7"]

@@ -30,7 +30,7 @@ from nex.sandbox import cgroups
 from nex.vm import ids
 from nex.workload import request as workload_request
 
-from .support import Bus, NatsServerProc, NodeProcess, run_cli, wait_gone
+from .support import Bus, NatsServerProc, NodeProcess, internal_url, run_cli, wait_gone
 from .workloads import Binaries, Requester, attacks, started
 
 pytestmark = [
@@ -204,7 +204,7 @@ def test_a_hostile_tenant_cannot_reach_out_of_its_jail(
         "PLANT_TARGET": str(owned / "stolen"),
         "JOURNAL_DIR": str(node.state_dir / "journal"),
         "JOURNAL_RECORD": json.dumps(record),
-        "CONNECT_1": f"internal_server={_internal_address(node)}",
+        "CONNECT_1": f"internal_server={internal_url(node).removeprefix('nats://')}",
         "CONNECT_2": f"control_server={GATEWAY}:{open_nats_server.port}",
         "CONNECT_3": f"host_port={GATEWAY}:{host_listener}",
         "CONNECT_4": f"other_machine={next_ip}:9",
@@ -242,13 +242,6 @@ def test_a_hostile_tenant_cannot_reach_out_of_its_jail(
         node.wait_log("Ignored a journal record this node did not write")
         assert victim.is_dir()
         assert node.stop() == 0
-
-
-def _internal_address(node: NodeProcess) -> str:
-    for line in (node.state_dir / "nats" / "internal.conf").read_text().splitlines():
-        if line.startswith("listen:"):
-            return line.split(":", 1)[1].strip().strip('"')
-    raise AssertionError("no listen line")
 
 
 @pytest.mark.parametrize("mode", [JAIL, UNJAILED])
