@@ -59,6 +59,7 @@ from .errors import MessageDropped as MessageDropped
 from .errors import NameTaken as NameTaken
 from .errors import ReplyAlreadySent as ReplyAlreadySent
 from .errors import Shutdown as Shutdown
+from .errors import ShutdownOverrun as ShutdownOverrun
 from .errors import StartFailed as StartFailed
 from .errors import SupervisorNotRunning as SupervisorNotRunning
 from .errors import TooManyChildren as TooManyChildren

@@ -12,9 +12,9 @@ class ActorError(Exception):
 class Shutdown(Exception):
     """An actor ending on a condition it understands (OTP's ``{shutdown, Reason}``), not a bug.
 
-    Raise a subclass with a message that says what happened. For restarts it is a crash like any
-    other (a transient child is restarted); its supervisor logs it in one line, without the
-    traceback a crash report carries.
+    Raise a subclass with a message that says what happened. As in OTP it is a normal exit: a
+    transient child that ends with it is not restarted (a permanent one is, as after any exit), and
+    its supervisor logs it in one line, without the traceback a crash report carries.
     """
 
 
@@ -67,6 +67,22 @@ class TooManyRestarts(ActorError):
         self.supervisor = supervisor
         self.intensity = intensity
         self.period = period
+
+
+class ShutdownOverrun(ActorError):
+    """A supervisor gives up because a child it had to stop for a restart is still running.
+
+    Trio cannot kill a task, and starting the child again would give it two live runs on one
+    mailbox; the supervisor escalates instead. Its own exit then waits for that run to end.
+    """
+
+    def __init__(self, supervisor: str, children: list[str]) -> None:
+        super().__init__(
+            f"supervisor {supervisor!r} gave up: {', '.join(children)} overran the shutdown deadline "
+            "and cannot be started again while its previous run goes on"
+        )
+        self.supervisor = supervisor
+        self.children = children
 
 
 class StartFailed(ActorError):

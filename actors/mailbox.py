@@ -3,9 +3,9 @@
 A :class:`Mailbox` is the queue in front of one actor. It is created by whoever creates the actor's
 child spec and outlives every restart of the actor, so an :class:`~actors.ref.ActorRef` to it stays
 valid while the actor crashes and comes back; messages sent during a restart wait in the queue. The
-mailbox closes only when the actor is gone for good. From then on every send raises
+mailbox closes when its supervisor stops the actor for good. From then on every send raises
 :class:`~actors.errors.ActorStopped` and counts a dead letter, and the messages still queued become
-dead letters too.
+dead letters too; if the supervisor itself is restarted by its parent, it reopens the mailbox.
 
 When the queue is full, the mailbox's :class:`Overflow` policy decides:
 
@@ -133,9 +133,15 @@ class Mailbox(Generic[T]):
         return self._closed
 
     async def send(self, message: T) -> None:
-        """Enqueue ``message``, waiting for room under ``BLOCK``; see :class:`Overflow` for the rest."""
+        """Enqueue ``message``, waiting for room under ``BLOCK``; see :class:`Overflow` for the rest.
+
+        Always a checkpoint, as Trio's own sends are: cancelled before it enqueues, it raises
+        ``Cancelled`` and sends nothing; once enqueued, it returns.
+        """
         if self.overflow is not Overflow.BLOCK:
+            await trio.lowlevel.checkpoint_if_cancelled()
             self.send_nowait(message)
+            await trio.lowlevel.cancel_shielded_checkpoint()
             return
         self._refuse_if_closed(message)
         try:
@@ -208,6 +214,19 @@ class Mailbox(Generic[T]):
                 break
             self._dead_letter(message, "actor stopped before handling it")
         self._receive.close()  # wakes blocked senders with BrokenResourceError
+
+    def reopen(self) -> None:
+        """Open a closed mailbox again, empty, for a new run of its actor.
+
+        A supervisor that stops closes its children's mailboxes, since it cannot know whether its
+        parent will restart it; when it is restarted, it reopens them before starting the children,
+        so that refs taken before reach the fresh instances (a ref names a mailbox). The counters
+        carry on. No-op on an open mailbox.
+        """
+        if not self._closed:
+            return
+        self._send, self._receive = trio.open_memory_channel[T](self.capacity)
+        self._closed = False
 
     def _dead_letter(self, message: object, reason: str) -> None:
         self._dead += 1

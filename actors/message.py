@@ -48,17 +48,32 @@ class Reply(Generic[R]):
     Not thread-safe: replies travel between Trio tasks of one run.
     """
 
-    __slots__ = ("_done", "_error", "_value")
+    __slots__ = ("_abandoned", "_done", "_error", "_value")
 
     def __init__(self) -> None:
         self._done = trio.Event()
         self._value: R | None = None
         self._error: BaseException | None = None
+        self._abandoned = False
 
     @property
     def answered(self) -> bool:
         """True once a value or an error has been delivered."""
         return self._done.is_set()
+
+    @property
+    def abandoned(self) -> bool:
+        """True once the asker stopped waiting (its ask timed out or was cancelled) unanswered.
+
+        A handler holding a reply for later checks this before it commits something to the asker
+        (a pool handing out a machine, say): an answer to an abandoned reply goes nowhere.
+        """
+        return self._abandoned
+
+    def abandon(self) -> None:
+        """Mark the reply as no longer awaited (``ActorRef.ask`` does, on timeout or cancellation)."""
+        if not self._done.is_set():
+            self._abandoned = True
 
     def send(self, value: R) -> None:
         """Deliver the answer. Raises :class:`ReplyAlreadySent` if already answered."""

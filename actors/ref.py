@@ -64,12 +64,17 @@ class ActorRef(Generic[T]):
             ActorCrashed: the actor raised while handling this request.
             MessageDropped: the mailbox discarded the request (drop policies).
             Exception: whatever the handler passed to ``reply.fail``.
+
+        On a timeout or a cancellation the reply is marked :attr:`~actors.message.Reply.abandoned`.
         """
         reply: Reply[R] = Reply()
         deadline = trio.current_time() + timeout
-        with trio.move_on_at(deadline):
-            await self._mailbox.send(build(reply))
-        return await reply.wait(max(0.0, deadline - trio.current_time()))
+        try:
+            with trio.move_on_at(deadline):
+                await self._mailbox.send(build(reply))
+            return await reply.wait(max(0.0, deadline - trio.current_time()))
+        finally:
+            reply.abandon()  # no-op once answered; else the handler can see nobody waits any more
 
     def stats(self) -> MailboxStats:
         return self._mailbox.stats()

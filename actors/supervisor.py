@@ -19,8 +19,12 @@ How this maps onto Trio:
 - Exceeding the intensity raises :class:`~actors.errors.TooManyRestarts` from the supervisor once its
   children are stopped. Its parent sees a crashed child: that is OTP escalation.
 - Trio cannot kill a task. A child that overruns its shutdown deadline is reported (logged, listed in
-  ``overruns``, shown as ``stopping`` in the tree) and the supervisor moves on to the next child;
-  bounding the release of external resources is the job of :mod:`actors.cleanup`.
+  ``overruns``, shown as ``stopping`` in the tree). When the supervisor stops, it moves on to the
+  next child (its own exit waits for the late one); when it stops children to restart them, it
+  escalates with :class:`~actors.errors.ShutdownOverrun` rather than start a second run beside the
+  first. Bounding the release of external resources is the job of :mod:`actors.cleanup`.
+- When a supervisor stops, it closes its actors' mailboxes; when it runs again (its parent restarted
+  it) it reopens them, and each actor spec builds a fresh instance.
 
 Synopsis::
 
@@ -40,7 +44,15 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import msgspec
 import trio
 
-from .errors import ActorError, DuplicateChild, Shutdown, StartFailed, SupervisorNotRunning, TooManyRestarts
+from .errors import (
+    ActorError,
+    DuplicateChild,
+    Shutdown,
+    ShutdownOverrun,
+    StartFailed,
+    SupervisorNotRunning,
+    TooManyRestarts,
+)
 from .intensity import RestartIntensity
 from .spec import ChildSpec, Restart, Strategy
 from .tree import ChildState, TreeNode
@@ -194,6 +206,7 @@ class SupervisorBase:
             raise DuplicateChild(f"supervisor {self.name!r} already has a child {spec.id!r}")
         child = _Child(spec)
         self._children.insert(len(self._children) if at is None else at, child)
+        _reopen_mailbox(child)
         try:
             child.value = await self._nursery.start(self._run_child, child)
         except BaseException:
@@ -222,7 +235,8 @@ class SupervisorBase:
             with trio.move_on_after(deadline):
                 await child.done.wait()
             if not child.done.is_set():
-                self.overruns.append(child.spec.id)
+                if child.spec.id not in self.overruns:
+                    self.overruns.append(child.spec.id)
                 log.error(
                     "%s: child %s overran its %gs shutdown deadline; moving on",
                     self.name,
@@ -270,9 +284,8 @@ class SupervisorBase:
             log.warning("%s: child %s ended: %s", self.name, child.spec.id, error)
         elif error is not None:
             log.error("%s: child %s crashed: %r", self.name, child.spec.id, error, exc_info=error)
-        restart = child.spec.restart is Restart.PERMANENT or (
-            child.spec.restart is Restart.TRANSIENT and error is not None
-        )
+        abnormal = error is not None and not isinstance(error, Shutdown)  # OTP: {shutdown, _} is normal
+        restart = child.spec.restart is Restart.PERMANENT or (child.spec.restart is Restart.TRANSIENT and abnormal)
         if not restart:
             child.state = ChildState.FAILED if error is not None else ChildState.STOPPED
             log.info("%s: child %s ended (%s, not restarted)", self.name, child.spec.id, child.spec.restart.value)
@@ -290,20 +303,38 @@ class SupervisorBase:
 
     async def _restart_one(self, child: _Child, restarts: RestartIntensity) -> None:
         """Run ``child`` again; a failed start counts as one more restart (until the intensity gives up)."""
+        await self._restart_group([child], restarts)
+
+    async def _restart_group(self, group: list[_Child], restarts: RestartIntensity) -> None:
+        """Start ``group`` again, in order. If a member fails to start, the members already started
+        are stopped again and the whole group is retried, each failure counting as a restart (OTP
+        retries the whole group too: a half-started group is not what the strategy promises)."""
+        assert self._nursery is not None
         while True:
-            child.next_run()
-            child.restarts += 1
-            child.state = ChildState.RESTARTING
-            assert self._nursery is not None
+            started: list[_Child] = []
             try:
-                child.value = await self._nursery.start(self._run_child, child)
+                for member in group:
+                    member.next_run()
+                    member.restarts += 1
+                    member.state = ChildState.RESTARTING
+                    member.value = await self._nursery.start(self._run_child, member)
+                    member.state = ChildState.RUNNING
+                    started.append(member)
+                    log.info("%s: restarted %s (restart %d)", self.name, member.spec.id, member.restarts)
+                return
             except Exception as exc:
-                log.error("%s: restart of %s failed: %r", self.name, child.spec.id, exc)
-                self._count_restart(child, exc, restarts)
-                continue
-            child.state = ChildState.RUNNING
-            log.info("%s: restarted %s (restart %d)", self.name, child.spec.id, child.restarts)
-            return
+                failed = group[len(started)]
+                log.error("%s: restart of %s failed: %r", self.name, failed.spec.id, exc)
+                await self._stop_for_restart(list(reversed(started)))
+                self._count_restart(failed, exc, restarts)
+
+    async def _stop_for_restart(self, children: list[_Child]) -> None:
+        """Stop ``children`` (in the order given) so that they can be started again; escalate with
+        :class:`ShutdownOverrun` if one of them is still running after its deadline."""
+        await self._terminate(children, final=False)
+        stuck = [c.spec.id for c in children if not c.done.is_set()]
+        if stuck:
+            raise ShutdownOverrun(self.name, stuck)
 
 
 class Supervisor(SupervisorBase):
@@ -347,13 +378,16 @@ class Supervisor(SupervisorBase):
         index = self._children.index(child)
         group = list(self._children) if self.strategy is Strategy.ONE_FOR_ALL else self._children[index:]
         others = [c for c in group if c is not child]
-        await self._terminate(reversed(others), final=False)
+        await self._stop_for_restart(list(reversed(others)))
         for sibling in others:
             if sibling.spec.restart is Restart.TEMPORARY:
                 self._forget(sibling)  # OTP: a temporary child is never restarted
-        for member in group:
-            if member is child or member.spec.restart is not Restart.TEMPORARY:
-                await self._restart_one(member, restarts)
+        await self._restart_group([m for m in group if m is child or m.spec.restart is not Restart.TEMPORARY], restarts)
+
+
+def _reopen_mailbox(child: _Child) -> None:
+    if child.spec.mailbox is not None:
+        child.spec.mailbox.reopen()  # closed if this supervisor ran before and was restarted
 
 
 def _close_mailbox(child: _Child) -> None:

@@ -17,12 +17,14 @@ class Harness:
         self._commands: dict[str, trio.MemorySendChannel[str]] = {}
         self._changed = trio.Event()
         self.fail_start: set[str] = set()
+        self.fail_once: set[str] = set()  # fail the next start only
         self.stop_takes: dict[str, float] = {}
 
     def spec(self, child_id: str, restart: Restart = Restart.PERMANENT, shutdown: float | None = 5.0) -> ChildSpec:
         async def start(*, task_status: trio.TaskStatus[str]) -> None:
             self.note("start", child_id)
-            if child_id in self.fail_start:
+            if child_id in self.fail_start or child_id in self.fail_once:
+                self.fail_once.discard(child_id)
                 self.note("start_failed", child_id)
                 raise RuntimeError(f"{child_id} cannot start")
             send, receive = trio.open_memory_channel[str](10)

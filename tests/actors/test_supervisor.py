@@ -422,7 +422,7 @@ async def test_tree_shows_states_and_restarts(autojump_clock: MockClock) -> None
     assert root.tree().state == "stopped"
 
 
-async def test_a_shutdown_is_logged_in_one_line_and_still_restarts_like_a_crash(
+async def test_a_shutdown_is_logged_in_one_line_and_a_crash_with_its_traceback(
     autojump_clock: MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     class AgentGone(Shutdown):
@@ -442,7 +442,7 @@ async def test_a_shutdown_is_logged_in_one_line_and_still_restarts_like_a_crash(
             raise ends[runs - 1]
         await trio.sleep_forever()
 
-    sup = Supervisor("s", [ChildSpec(id="m", start=child, restart=Restart.TRANSIENT)])
+    sup = Supervisor("s", [ChildSpec(id="m", start=child, restart=Restart.PERMANENT)])
     caplog.set_level("INFO", logger="actors.supervisor")
     async with trio.open_nursery() as nursery:
         await start_tree(nursery, sup)
@@ -454,6 +454,6 @@ async def test_a_shutdown_is_logged_in_one_line_and_still_restarts_like_a_crash(
         (r.levelname, r.getMessage(), r.exc_info is not None) for r in caplog.records if "child m" in r.getMessage()
     ]
     assert ended == [
-        ("WARNING", "s: child m ended: its agent exited", False),  # restarted all the same (transient)
+        ("WARNING", "s: child m ended: its agent exited", False),  # restarted all the same (permanent)
         ("ERROR", "s: child m crashed: RuntimeError('a bug')", True),
     ]
