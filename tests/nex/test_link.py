@@ -5,6 +5,8 @@ These run on the real clock (there is a real thread), each wait bounded by ``tri
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import AsyncIterator
 
 import pytest
@@ -130,3 +132,59 @@ async def test_an_unreachable_server_fails_fast_with_the_reason(aio: AsyncioThre
     with trio.fail_after(10), pytest.raises(LinkError, match=r"nats://127.0.0.1:1: connection refused"):
         await link.run()
     assert link.state == "failed"
+
+
+async def test_publish_nowait_never_raises_and_logs_once_per_disconnection(
+    nats_server: NatsServerProc, aio: AsyncioThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    link = NatsLink("t", [nats_server.url], aio)
+    receiver = NatsLink("receiver", [nats_server.url], aio)
+    inbox = Probe[InboundMsg]("inbox")
+
+    def drops_logged() -> int:
+        return sum(1 for r in caplog.records if r.getMessage().startswith("Dropping NATS publishes"))
+
+    caplog.set_level(logging.WARNING, logger="nex.bus")
+    for _ in range(3):
+        link.publish_nowait("events", b"before")  # not running yet: dropped, not raised
+    assert (drops_logged(), link.stats().publish_dropped) == (1, 3)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(receiver.run)
+        await receiver.subscribe("events", inbox.ref)
+        async with trio.open_nursery() as running:
+            await running.start(link.run)
+            link.publish_nowait("events", b"while up")
+            with trio.fail_after(10):
+                assert (await inbox.expect(InboundMsg)).data == b"while up"
+            running.cancel_scope.cancel()
+        for _ in range(3):
+            link.publish_nowait("events", b"after")  # stopped: a new disconnection, logged once more
+        assert (drops_logged(), link.stats().publish_dropped) == (2, 6)
+        nursery.cancel_scope.cancel()
+
+
+async def test_connection_state_is_written_on_the_trio_thread_only(
+    nats_server: NatsServerProc, aio: AsyncioThread
+) -> None:
+    writers: set[str] = set()
+
+    class Watched(NatsLink):
+        def __setattr__(self, name: str, value: object) -> None:
+            if name in ("state", "url", "reconnects"):
+                writers.add(threading.current_thread().name)
+            super().__setattr__(name, value)
+
+    events = Probe[LinkEvent]("events")
+    link = Watched("t", [nats_server.url], aio, events=events.ref)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        with trio.fail_after(20):
+            await events.expect(LinkUp)
+            nats_server.stop()
+            await events.expect(LinkDown)
+            assert link.state == "reconnecting"
+            nats_server.start()
+            await events.expect(LinkReconnected)
+            assert (link.state, link.reconnects) == ("connected", 1)
+        nursery.cancel_scope.cancel()
+    assert writers == {threading.current_thread().name}
