@@ -26,7 +26,7 @@ import trio
 from actors import ChildSpec
 from nex import crypto, logs
 from nex.api import agent as agent_api
-from nex.vm.ids import new_vmid
+from nex.ids import new_vmid
 
 from .server import NatsServer
 

@@ -83,6 +83,8 @@ class NatsServer:
         jetstream: enable JetStream.
         extra_config: called at every (re)start and :meth:`reload`; its text is appended to the
             generated config (authorization), so a restarted server has the current users.
+        on_started: called with :attr:`starts` each time the server is up; from the second call on,
+            its store is a new, empty one (each run starts from a fresh store).
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class NatsServer:
         jetstream: bool = True,
         max_payload: int | None = None,
         extra_config: Callable[[], str] = lambda: "",
+        on_started: Callable[[int], None] | None = None,
     ) -> None:
         self.name = name
         self.max_payload = max_payload
@@ -103,6 +106,7 @@ class NatsServer:
         self.work_dir = work_dir
         self.jetstream = jetstream
         self.extra_config = extra_config
+        self.on_started = on_started
         self.reloads = 0
         self._reloaded = trio.Event()
         self._child: proc.ChildProcess | None = None
@@ -192,6 +196,8 @@ class NatsServer:
                     store=str(self.store_dir) if self.jetstream else "-",
                 )
                 task_status.started(self)
+                if self.on_started is not None:
+                    self.on_started(self.starts)
                 code = await child.wait()
                 raise ServerExited(
                     f"nats-server ({self.name}, pid {child.pid}) exited with code {code}: {self._last_error()}"

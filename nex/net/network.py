@@ -15,8 +15,8 @@ from pathlib import Path
 
 import trio
 
+from nex import ids
 from nex.config import NodeConfig
-from nex.vm import ids
 
 from . import netns
 from .ipam import DEFAULT_ROOT, Ipam

@@ -11,18 +11,22 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import msgspec
+import nats.errors
 
 from actors import Actor, ChildSpec, Mailbox, Overflow, TreeNode, actor_spec
 from nex import logs, sysinfo
 from nex.api import control, events, subjects
-from nex.bus.link import InboundMsg, NatsLink
-
-from .events import EventPublisher
-from .state import NodeState
+from nex.bus.events import EventPublisher
+from nex.bus.link import InboundMsg, LinkError, NatsLink
+from nex.state import NodeState
 
 log = logs.get("nex.control")
 
 Machines = Callable[[str], list[control.MachineSummary]]
+
+RESPONSE_TYPES = {"PING": control.PING_RESPONSE, "INFO": control.INFO_RESPONSE, "LAMEDUCK": control.LAMEDUCK_RESPONSE}
+JSON_WHITESPACE = b" \t\r\n"  # RFC 8259's; bytes.strip() would take \v and \f too, which JSON does not
+MAX_DEADLINE_MS = 2**63 - 1  # a Go int64; msgspec decodes any integer (10**400 would overflow a float)
 
 
 class ControlApi(Actor[InboundMsg]):
@@ -44,10 +48,11 @@ class ControlApi(Actor[InboundMsg]):
         self.pool = pool
         self.machines = machines
 
-    def child_spec(self) -> ChildSpec:
-        """Restarts reuse this actor: what it answers from lives in the node's state, not in it."""
+    @staticmethod
+    def spec(factory: Callable[[], ControlApi]) -> ChildSpec:
+        """Each (re)start runs ``factory()``: what the API answers from lives in the node's state."""
         mailbox = Mailbox[InboundMsg](256, Overflow.FAIL, name="control-api")  # the link counts drops
-        return actor_spec(lambda: self, mailbox)
+        return actor_spec(factory, mailbox)
 
     async def on_start(self) -> None:
         for subject in subjects.control_subscriptions(self.state.node_id):
@@ -61,9 +66,13 @@ class ControlApi(Actor[InboundMsg]):
             reply = self.answer(verb, message)
         except Exception as exc:
             log.error("Control API handler failed", exc, subject=message.subject)
-            reply = control.failure(f"{control.TYPE_PREFIX}.error", f"internal error: {exc}")
+            payload_type = RESPONSE_TYPES.get(verb, f"{control.TYPE_PREFIX}.error")
+            reply = control.failure(payload_type, f"internal error: {exc}")
         if reply is not None and message.reply:
-            await self.link.respond(message, reply)
+            try:
+                await self.link.respond(message, reply)
+            except (LinkError, nats.errors.Error) as exc:  # not connected, or more than the server takes
+                log.warning("Could not send a reply", subject=message.subject, error=str(exc))
 
     def answer(self, verb: str, message: InboundMsg) -> bytes | None:
         match verb:
@@ -105,14 +114,26 @@ class ControlApi(Actor[InboundMsg]):
         )
 
     def lameduck(self, body: bytes) -> bytes:
+        """Enter lame duck. A body, if any, is a :class:`~nex.api.control.LameDuckRequest` in JSON; one
+        that is not (not UTF-8, not JSON, nested too deeply, a deadline that is no count of ms) is
+        refused, so that a garbled request never stops the node."""
+
+        def refused(why: str) -> bytes:
+            return control.failure(control.LAMEDUCK_RESPONSE, f"Invalid lame duck request: {why}")
+
         request = control.LameDuckRequest()
-        if body.strip():
+        if body.strip(JSON_WHITESPACE):
             try:
+                body.decode()  # msgspec does not check the strings of the fields it skips
                 request = msgspec.json.decode(body, type=control.LameDuckRequest)
+            except UnicodeDecodeError:
+                return refused("the body is not UTF-8")
             except msgspec.DecodeError as exc:
-                return control.failure(control.LAMEDUCK_RESPONSE, f"Invalid lame duck request: {exc}")
-        if request.deadline_ms is not None and request.deadline_ms < 0:
-            return control.failure(control.LAMEDUCK_RESPONSE, "Invalid lame duck request: deadline_ms must be >= 0")
+                return refused(str(exc))
+            except RecursionError:  # msgspec recurses per level of nesting
+                return refused("JSON is nested too deeply")
+        if request.deadline_ms is not None and not 0 <= request.deadline_ms <= MAX_DEADLINE_MS:
+            return refused(f"deadline_ms must be between 0 and {MAX_DEADLINE_MS}")
         deadline_ms = request.deadline_ms if request.deadline_ms is not None else self.state.config.lameduck_deadline_ms
         if self.state.enter_lameduck(deadline_ms / 1000):
             log.info("Entering lame duck mode", deadline_ms=deadline_ms, workloads=self.state.running_workloads())

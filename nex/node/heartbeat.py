@@ -6,9 +6,8 @@ import trio
 
 from actors import ChildSpec
 from nex.api import events
-
-from .events import EventPublisher
-from .state import NodeState
+from nex.bus.events import EventPublisher
+from nex.state import NodeState
 
 
 class Heartbeat:

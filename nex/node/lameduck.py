@@ -12,8 +12,7 @@ import trio
 
 from actors import ChildSpec, Restart
 from nex import logs
-
-from .state import NodeState
+from nex.state import NodeState
 
 log = logs.get("nex.node")
 

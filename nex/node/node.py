@@ -31,14 +31,17 @@ import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import msgspec
 import trio
 
 from actors import (
     ActorRef,
+    ActorStopped,
     ChildSpec,
     CleanupStack,
     DynamicSupervisor,
     Journal,
+    MailboxFull,
     StartFailed,
     Supervisor,
     TreeNode,
@@ -47,8 +50,10 @@ from actors import (
 from nex import linux, logs
 from nex.api import agent as agent_api
 from nex.api import control, events
+from nex.bus import staging
 from nex.bus.aio import AsyncioThread, open_asyncio_thread
 from nex.bus.credentials import AgentCredentials
+from nex.bus.events import EventPublisher
 from nex.bus.link import NatsLink
 from nex.bus.server import NatsServer, nats_answers
 from nex.config import NodeConfig
@@ -57,20 +62,20 @@ from nex.net import netns
 from nex.net.network import Networks
 from nex.sandbox import cgroups, support
 from nex.sandbox.policy import HostSupport, Sandbox
+from nex.state import NodeState
+from nex.vm import pool
 from nex.vm.drivers.process import ProcessDriver
 from nex.vm.handshake import HandshakeBook, Handshakes
 from nex.vm.launcher import SpawnLauncher, ZygoteLauncher
-from nex.vm.machine import MachineDeps
-from nex.vm.pool import Pool
-from nex.workload import manager, store
+from nex.vm.machine import MachineDeps, RunningWorkload
+from nex.vm.pool import Pool, PoolBook, ServerRestarted
+from nex.workload import manager
 
 from .control import ControlApi
-from .events import EventPublisher
 from .heartbeat import Heartbeat
 from .host import HostObjects, link_group, node_stem
 from .lameduck import LameDuckWatcher
 from .progress import FillProgress
-from .state import NodeState
 
 log = logs.get("nex.node")
 
@@ -81,6 +86,20 @@ _START_HINTS = {
     "control-server": " (is another program using port 4222? give --server to use an existing NATS)",
     "internal-server": " (is the internal port taken? set --internal-port, or 0 for any free port)",
 }
+
+
+ORPHAN_MESSAGE = "its node stopped unexpectedly"
+
+
+def _orphaned_workloads(vm_root: Path) -> list[RunningWorkload]:
+    """The workloads whose machines' directories say they were running (see ``workload.json``)."""
+    found = []
+    for path in sorted(vm_root.glob("*/*/*/workload.json")):
+        try:
+            found.append(msgspec.json.decode(path.read_bytes(), type=RunningWorkload))
+        except (OSError, msgspec.DecodeError) as exc:
+            log.warning("Unreadable record of a workload left by the last run", path=str(path), error=str(exc))
+    return found
 
 
 class NodeError(Exception):
@@ -107,7 +126,7 @@ class Node:
         self._host: HostObjects | None = None
         self._journal = Journal(state_dir / "journal")
         self._progress = FillProgress()
-        self._pool: Pool | None = None
+        self._orphans: list[RunningWorkload] = []
 
     async def run(self) -> int:
         """Run until stopped; raise :class:`NodeError` (one error, not a group) if the node cannot start."""
@@ -176,6 +195,7 @@ class Node:
                     events.NODE_STARTED,
                     events.NodeStartedData(version=state.version, id=state.node_id, tags=state.tags()),
                 )
+                self._report_orphans(publisher)
                 log.info("Node is ready", node=state.node_id, name=state.name)
             self._startup = None
             await state.stop_requested.wait()
@@ -216,13 +236,22 @@ class Node:
         except OSError as exc:
             raise NodeError(f"cannot set up the machines' network: {exc}") from None
         credentials = AgentCredentials(stock=max(4, self.config.machine_pool_size))
+        pool_mailbox = pool.mailbox()
+        pool_ref = pool_mailbox.ref
+
+        def internal_started(generation: int) -> None:
+            if generation > 1:  # its artifact stores are gone with the previous run
+                with contextlib.suppress(ActorStopped, MailboxFull):
+                    pool_ref.send_nowait(ServerRestarted(generation=generation))
+
         internal_server = NatsServer(
             "internal",
             host=internal_host,
             port=internal_port,
             work_dir=work_dir,
-            max_payload=store.INTERNAL_MAX_PAYLOAD,
+            max_payload=staging.INTERNAL_MAX_PAYLOAD,
             extra_config=credentials.render,
+            on_started=internal_started,
         )
         credentials.attach(internal_server)
         control_link = NatsLink("control", [control_url], aio, client_name=f"nex-node {state.node_id}")
@@ -238,13 +267,13 @@ class Node:
         launcher: ZygoteLauncher | SpawnLauncher = (
             ZygoteLauncher(self.state_dir) if self.config.agent_launcher == "zygote" else SpawnLauncher()
         )
-        book = HandshakeBook()
+        handshakes = HandshakeBook()
         machines = DynamicSupervisor("machines")
         workload_mailbox = manager.mailbox()
         deps = MachineDeps(
             driver=ProcessDriver(networks, launcher, sandbox),
             credentials=credentials,
-            handshakes=book,
+            handshakes=handshakes,
             vm_root=self.state_dir / "vm" / "system" / state.name,
             journal=self._journal,
             agent_host=networks.agent_host,
@@ -255,16 +284,24 @@ class Node:
             internal=internal_link,
             ended=manager.notify_machine_ended(ActorRef(workload_mailbox)),
         )
-        self._progress = FillProgress()
-        pool = Pool(state, machines, deps, size=self.config.machine_pool_size, progress=self._progress)
-        self._pool = pool
-        pool_spec = Pool.spec(pool)
-        assert pool_spec.mailbox is not None
-        workloads = manager.WorkloadManager(state, control_link, internal_link, publisher, ActorRef(pool_spec.mailbox))
+        pool_book = PoolBook()
+        self._progress = progress = FillProgress()
+        size = self.config.machine_pool_size
+        pool_spec = Pool.spec(
+            lambda: Pool(state, machines, deps, size=size, book=pool_book, progress=progress), pool_mailbox
+        )
+        workload_book = manager.WorkloadManager.new_book(state)
+        workloads_spec = manager.WorkloadManager.spec(
+            lambda: manager.WorkloadManager(state, control_link, internal_link, publisher, pool_ref, workload_book),
+            workload_mailbox,
+        )
 
         def pool_view() -> list[control.PoolMember]:
             kind = sandbox.kind
-            return [control.PoolMember(id=e.vmid, state=e.state, ip=e.ip, sandbox=kind) for e in pool.entries()]
+            return [control.PoolMember(id=e.vmid, state=e.state, ip=e.ip, sandbox=kind) for e in pool_book.entries()]
+
+        def machines_view(namespace: str) -> list[control.MachineSummary]:
+            return workload_book.summaries(namespace, sandbox.kind)
 
         # The zygote first: it is "started" as soon as its process exists, and its imports then
         # overlap the start of the servers and links.
@@ -274,11 +311,11 @@ class Node:
             internal_server.child_spec(),
             credentials.child_spec(),
             internal_link.child_spec(),
-            Handshakes.spec(internal_link, book.waiting),
+            Handshakes.spec(internal_link, handshakes.waiting),
             machines.child_spec(),
             pool_spec,
-            workloads.spec(workload_mailbox),
-            ControlApi(state, control_link, publisher, self._tree, pool_view, workloads.summaries).child_spec(),
+            workloads_spec,
+            ControlApi.spec(lambda: ControlApi(state, control_link, publisher, self._tree, pool_view, machines_view)),
             Heartbeat(state, publisher).child_spec(),
             LameDuckWatcher(state).child_spec(),
         ]
@@ -351,12 +388,33 @@ class Node:
     async def _recover(self) -> None:
         """Release what a node that did not stop cleanly left behind (we hold the state-dir lock)."""
         assert self._host is not None
+        self._orphans = _orphaned_workloads(self.state_dir / "vm")  # read before their directories go
         released = await self._host.recover(self._journal)
         if released:
             log.info(
                 "Released what a node that did not stop cleanly left behind",
                 resources=", ".join(f"{r.kind} {r.name}" for r in released),
             )
+
+    def _report_orphans(self, publisher: EventPublisher) -> None:
+        """``workload_stopped`` for each workload that ran when this node's last run ended without
+        a stop, so that watchers are not left waiting for it."""
+        for workload in self._orphans:
+            log.warning(
+                "A workload was running when this node last stopped unexpectedly; it is gone",
+                name=workload.name,
+                namespace=workload.namespace,
+                vmid=workload.vmid,
+            )
+            data = events.WorkloadEventData(
+                workload_name=workload.name,
+                code=-1,
+                message=ORPHAN_MESSAGE,
+                id=workload.vmid,
+                namespace=workload.namespace,
+            )
+            publisher.emit(events.WORKLOAD_STOPPED, data, namespace=workload.namespace)
+        self._orphans = []
 
     async def _supervise(
         self, root: Supervisor, state: NodeState, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -391,29 +449,42 @@ class Node:
 
 
 class _StateDirLock:
-    """One node per state directory: an exclusive ``flock`` on ``node.lock`` holding the pid."""
+    """One node per state directory: an exclusive ``flock`` on ``node.lock`` holding the pid.
+
+    The file is removed on exit, while the lock is still held. So a node that opened the file before
+    that and is granted the lock once it is released holds a lock on a file no longer at the path,
+    which excludes nobody: after locking, a node checks that its file is still the one at the path
+    (same inode) and starts over if not.
+    """
 
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / "node.lock"
         self._fd = -1
 
     def __enter__(self) -> _StateDirLock:
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(self._fd)
-            raise NodeError(
-                f"another nex node (pid {holder}) is using {self.path.parent}; "
-                "stop it first, or give this node its own --state-dir"
-            ) from None
+        while True:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(self._fd)
+                raise NodeError(
+                    f"another nex node (pid {holder}) is using {self.path.parent}; "
+                    "stop it first, or give this node its own --state-dir"
+                ) from None
+            try:
+                if os.path.samestat(os.fstat(self._fd), os.stat(self.path)):
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(self._fd)  # removed by the node that held it: lock the file now at the path
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.path.unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)  # before the lock goes: see the class's docstring
         os.close(self._fd)
 
 

@@ -26,9 +26,9 @@ import trio
 from actors import Actor, ActorRef, Journal, Mailbox, Message, Registry, Reply, Shutdown
 from nex import logs
 from nex.api import agent as agent_api
+from nex.bus import staging
 from nex.bus.credentials import AgentCredentials
 from nex.bus.link import LinkError, NatsLink, NotConnected
-from nex.workload import store
 
 from .drivers.base import Driver, MachineContext
 from .handshake import HandshakeBook
@@ -88,6 +88,20 @@ MachineMsg = Describe | Deploy | Undeploy
 
 class WorkloadRejected(Exception):
     """The agent refused the workload; the message is its reason."""
+
+
+class MachineFailed(Exception):
+    """The machine could not take a workload for a reason of its own (its artifact store, its
+    agent's link, its state), not because of the workload: the workload may do well on another."""
+
+
+class RunningWorkload(msgspec.Struct):
+    """``workload.json`` in a machine's directory while it runs a workload: what a node restarted
+    after a crash needs to tell watchers that the workload stopped."""
+
+    vmid: str
+    name: str
+    namespace: str
 
 
 @dataclass(frozen=True)
@@ -209,9 +223,9 @@ class Machine(Actor[MachineMsg]):
         """The machine's own artifact store, which its agent watches once the machine is ready."""
         vmid = self.vmid
         self.cleanup.push(
-            f"artifact store of {vmid}", lambda: link.call(lambda nc: store.unstage(nc, vmid)), durable=False
+            f"artifact store of {vmid}", lambda: link.call(lambda nc: staging.unstage(nc, vmid)), durable=False
         )
-        await link.call(lambda nc: store.create(nc, vmid))
+        await link.call(lambda nc: staging.create(nc, vmid))
         self.store = True
         made.set()
 
@@ -227,7 +241,7 @@ class Machine(Actor[MachineMsg]):
     async def _deploy(self, request: agent_api.AgentDeployRequest, artifact: bytes, reply: Reply[None]) -> None:
         link = self.deps.internal
         if link is None or self.state != "ready":
-            reply.fail(WorkloadRejected(f"machine {self.vmid} is {self.state}, not ready for a workload"))
+            reply.fail(MachineFailed(f"machine {self.vmid} is {self.state}, not ready for a workload"))
             return
         self.state = "deploying"
         try:
@@ -240,10 +254,16 @@ class Machine(Actor[MachineMsg]):
     ) -> None:
         """Stage the artifact, ask the agent to run it, and answer ``reply``; stop the machine on failure."""
         vmid = self.vmid
+        assert self.context is not None
+        folder = self.context.dir
         try:
             if not self.store:
-                raise LinkError(f"machine {vmid} has no artifact store")
-            await link.call(lambda nc: store.stage(nc, vmid, artifact, request.hash))
+                raise MachineFailed(f"machine {vmid} has no artifact store")
+            # written before the agent may start it: after a crash of the node, it says what ran here
+            folder.write_json(
+                "workload.json", RunningWorkload(vmid=vmid, name=request.workload_name, namespace=request.namespace)
+            )
+            await link.call(lambda nc: staging.stage(nc, vmid, artifact, request.hash))
             answer = await link.request(
                 agent_api.deploy(vmid),
                 _encoder.encode(request),
@@ -251,18 +271,20 @@ class Machine(Actor[MachineMsg]):
                 reply_prefix=agent_api.replies(vmid),
             )
             response = msgspec.json.decode(answer.data, type=agent_api.DeployResponse)
-        except (LinkError, msgspec.DecodeError) as exc:
-            reply.fail(WorkloadRejected(f"the agent did not take the workload: {exc}"))
+        except Exception as exc:  # the store, the link, the agent's answer: all the machine's
+            (folder.path / "workload.json").unlink(missing_ok=True)
+            folder.note(f"could not hand the workload over: {exc!r}")
+            reply.fail(exc if isinstance(exc, MachineFailed) else MachineFailed(f"machine {vmid}: {exc!r}"))
             self.stop()
             return
         if not response.accepted:
+            (folder.path / "workload.json").unlink(missing_ok=True)
             reply.fail(WorkloadRejected(response.message or "no reason given"))
             self.stop()
             return
         self.state = "running"
         self.workload = request
-        assert self.context is not None
-        self.context.dir.note(f"running workload {request.workload_name} ({request.namespace})")
+        folder.note(f"running workload {request.workload_name} ({request.namespace})")
         reply.send(None)
 
     async def _undeploy(self, grace: float, reply: Reply[None]) -> None:

@@ -15,8 +15,14 @@ waits for does not come, that is fatal: the pool fails its start with :class:`Po
 failed and what to check, and the node exits. A later handshake timeout only costs that machine.
 In lame duck the pool stops refilling.
 
-The pool is one object for the node's life: if its actor restarts, it keeps its members (their
-machines run on under the ``machines`` supervisor) and goes on keeping the pool full.
+A restart of the pool's actor runs a fresh :class:`Pool` (OTP's clean-state restart) on the node's
+:class:`PoolBook`: the record of the machines, which run on under the ``machines`` supervisor and
+so outlive the actor, and of the takers still waiting. A machine whose start the old instance had
+under way was cancelled with it (and left the book), so the fresh pool finds only ready machines.
+
+The internal NATS server holds each machine's artifact store in memory. When it restarts, the
+machines warmed before are useless (their stores are gone with it): :class:`ServerRestarted`
+retires them and the pool warms new ones.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import collections
 import contextlib
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import msgspec
 import trio
@@ -42,7 +50,6 @@ from actors import (
     actor_spec,
 )
 from nex import logs
-from nex.node.state import NodeState
 
 from .machine import HandshakeTimeout, Machine, MachineDeps, MachineMsg
 
@@ -80,7 +87,22 @@ class Taken(msgspec.Struct):
     ip: str = ""
 
 
-PoolMsg = MachineGone | Take | Settled
+class ServerRestarted(Message):
+    """The internal NATS server started again (its ``generation``-th start): retire what it broke."""
+
+    generation: int
+
+
+PoolMsg = MachineGone | Take | Settled | ServerRestarted
+
+
+class LameDuck(Protocol):
+    """What the pool needs to know of the node: whether it is in lame duck, and to hear when it is."""
+
+    @property
+    def lameduck(self) -> bool: ...
+
+    on_lameduck: list[Callable[[], None]]
 
 
 class PoolEntry(msgspec.Struct):
@@ -90,14 +112,32 @@ class PoolEntry(msgspec.Struct):
 
 
 class _Member:
-    __slots__ = ("ip", "ref", "since", "state", "vmid")
+    __slots__ = ("generation", "ip", "ref", "since", "state", "vmid")
 
-    def __init__(self, vmid: str) -> None:
+    def __init__(self, vmid: str, generation: int) -> None:
         self.vmid = vmid
         self.state = "starting"
         self.ip = ""
         self.ref: ActorRef[MachineMsg] | None = None
         self.since = time.monotonic()
+        self.generation = generation  # of the internal server its artifact store was made on
+
+
+@dataclass(eq=False)
+class PoolBook:
+    """What the pool knows that outlives a restart of its actor (see the module docstring)."""
+
+    members: dict[str, _Member] = field(default_factory=dict)
+    waiting: collections.deque[Reply[Taken]] = field(default_factory=collections.deque)
+    settling: dict[str, float] = field(default_factory=dict)  # taken, deploy in progress: deadline
+    handshakes: int = 0
+    failures: int = 0
+    starts: int = 0
+    not_before: float = 0.0
+    generation: int = 1  # of the internal server
+
+    def entries(self) -> list[PoolEntry]:
+        return [PoolEntry(vmid=m.vmid, state=m.state, ip=m.ip) for m in self.members.values()]
 
 
 Progress = Callable[[int, int], None]
@@ -106,11 +146,12 @@ Progress = Callable[[int, int], None]
 class Pool(Actor[PoolMsg]):
     def __init__(
         self,
-        node: NodeState,
+        node: LameDuck,
         machines: DynamicSupervisor,
         deps: MachineDeps,
         *,
         size: int,
+        book: PoolBook | None = None,
         parallel: int = 8,
         progress: Progress | None = None,
     ) -> None:
@@ -118,37 +159,37 @@ class Pool(Actor[PoolMsg]):
         self.machines = machines
         self.deps = deps
         self.size = size
+        self.book = book if book is not None else PoolBook()
+        self.members = self.book.members
         self.limiter = trio.CapacityLimiter(parallel)
         self.progress = progress
-        self.members: dict[str, _Member] = {}
-        self.handshakes = 0
-        self.failures = 0
-        self.starts = 0
-        self._not_before = 0.0
         self._changed = trio.Event()
         self._filled = trio.Event()
         self._fatal: PoolFailed | None = None
-        self._waiting: collections.deque[Reply[Taken]] = collections.deque()
-        self._settling: dict[str, float] = {}  # taken machines whose deploy is in progress: deadline
-        node.on_lameduck.append(self._notify)
 
-    @classmethod
-    def spec(cls, pool: Pool) -> ChildSpec:
-        mailbox = Mailbox[PoolMsg](1024, name="pool")
-        return actor_spec(lambda: pool, mailbox, restart=Restart.PERMANENT)
+    @staticmethod
+    def spec(factory: Callable[[], Pool], mailbox: Mailbox[PoolMsg]) -> ChildSpec:
+        """Each (re)start runs ``factory()``, a fresh pool on the node's one :class:`PoolBook`."""
+        return actor_spec(factory, mailbox, restart=Restart.PERMANENT)
 
     def entries(self) -> list[PoolEntry]:
-        return [PoolEntry(vmid=m.vmid, state=m.state, ip=m.ip) for m in self.members.values()]
+        return self.book.entries()
 
     def ready(self) -> int:
         return sum(1 for m in self.members.values() if m.state == "ready")
 
     async def on_start(self) -> None:
+        self.node.on_lameduck.append(self._notify)
+        self.cleanup.push("lame-duck callback", self._unhook, durable=False)
         self.nursery.start_soon(self._keep_full)
         await self._filled.wait()
         if self._fatal is not None:
             raise self._fatal
         log.info("Warm pool ready", machines=self.ready(), size=self.size)
+
+    async def _unhook(self) -> None:
+        with contextlib.suppress(ValueError):
+            self.node.on_lameduck.remove(self._notify)
 
     async def handle(self, message: PoolMsg) -> None:
         match message:
@@ -157,26 +198,39 @@ class Pool(Actor[PoolMsg]):
                     log.info("Machine left the pool", vmid=vmid, reason=reason)
                     self._notify()
             case Take(reply=reply):
-                self._waiting.append(reply)
+                self.book.waiting.append(reply)
                 self._serve_takes()
             case Settled(vmid=vmid):
-                if self._settling.pop(vmid, None) is not None:
+                if self.book.settling.pop(vmid, None) is not None:
                     self._notify()
+            case ServerRestarted(generation=generation):
+                self.book.generation = max(self.book.generation, generation)
+                stale = [m for m in self.members.values() if m.generation < self.book.generation]
+                if stale:
+                    log.warning(
+                        "The internal NATS server restarted: replacing the machines warmed before",
+                        machines=len(stale),
+                    )
+                for member in stale:
+                    if member.state == "ready":
+                        self._retire(member)
+                    # a machine still starting is retired when it becomes ready
 
     def _serve_takes(self) -> None:
         """Hand ready machines to waiting takers, oldest taker first; refill behind them."""
-        while self._waiting:
-            reply = self._waiting[0]
-            if reply.answered:  # its asker gave up
-                self._waiting.popleft()
+        waiting = self.book.waiting
+        while waiting:
+            reply = waiting[0]
+            if reply.answered or reply.abandoned:  # failed already, or its asker gave up
+                waiting.popleft()
                 continue
             ready = next((m for m in self.members.values() if m.state == "ready" and m.ref is not None), None)
             if ready is None:
                 return
-            self._waiting.popleft()
+            waiting.popleft()
             del self.members[ready.vmid]
             assert ready.ref is not None
-            self._settling[ready.vmid] = trio.current_time() + SETTLE_TIMEOUT
+            self.book.settling[ready.vmid] = trio.current_time() + SETTLE_TIMEOUT
             reply.send(Taken(vmid=ready.vmid, ref=ready.ref, ip=ready.ip))
             self._notify()
 
@@ -187,35 +241,45 @@ class Pool(Actor[PoolMsg]):
             if self.node.lameduck:
                 await self._retire_idle()
             missing = self.size - len(self.members)
+            settling = self.book.settling
             if missing > 0 and not self.node.lameduck and self._deploy_in_progress():
-                with trio.move_on_at(min(self._settling.values())):
+                with trio.move_on_at(min(settling.values())):
                     await self._wait_changed()
-                self._settling = {v: d for v, d in self._settling.items() if d > trio.current_time()}
+                for vmid in [v for v, deadline in settling.items() if deadline <= trio.current_time()]:
+                    del settling[vmid]
                 continue
             if missing > 0 and not self.node.lameduck:
-                await trio.sleep_until(self._not_before)
+                await trio.sleep_until(self.book.not_before)
                 for _ in range(self.size - len(self.members)):
                     vmid, seed = await self.deps.credentials.take()  # at once, from the stock
-                    self.members[vmid] = _Member(vmid)
+                    self.members[vmid] = _Member(vmid, self.book.generation)
                     self.nursery.start_soon(self._start_machine, vmid, seed)
             await self._wait_changed()
 
     def _deploy_in_progress(self) -> bool:
         """Should replacements wait? Only while a deploy runs and a ready machine is left for the next."""
-        return bool(self._settling) and not self._waiting and self.ready() > 0
+        return bool(self.book.settling) and not self.book.waiting and self.ready() > 0
 
     async def _retire_idle(self) -> None:
         """In lame duck no workload will come: stop the idle machines (running workloads go on)."""
         for member in [m for m in self.members.values() if m.state == "ready"]:
-            del self.members[member.vmid]
             log.info("Lame duck: retiring an idle machine", vmid=member.vmid)
-            with contextlib.suppress(Exception):
-                await self.machines.terminate_child(member.vmid)
+            self._retire(member)
+
+    def _retire(self, member: _Member) -> None:
+        """Take a ready machine out of the pool and stop it, in the background (the refill goes on)."""
+        del self.members[member.vmid]
+        self.nursery.start_soon(self._terminate, member.vmid)
+        self._notify()
+
+    async def _terminate(self, vmid: str) -> None:
+        with contextlib.suppress(Exception):  # gone already
+            await self.machines.terminate_child(vmid)
 
     async def _start_machine(self, vmid: str, seed: str) -> None:
         try:
             async with self.limiter:
-                self.starts += 1
+                self.book.starts += 1
                 ref = await self.machines.start_child(self._machine_spec(vmid, seed))
         except BaseException as exc:
             # A machine cancelled before its task ran cannot revoke its agent's user; one that ran
@@ -232,16 +296,19 @@ class Pool(Actor[PoolMsg]):
         member.state = "ready"
         assert isinstance(ref, ActorRef)
         member.ref = ref
-        self.handshakes += 1
-        self.failures = 0
-        self._not_before = 0.0
+        self.book.handshakes += 1
+        self.book.failures = 0
+        self.book.not_before = 0.0
+        if member.generation < self.book.generation:  # its store was made on a server gone since
+            self._retire(member)
+            return
         warmup_ms = (time.monotonic() - member.since) * 1000
         log.info("Adding new VM to warm pool", vmid=vmid, ip=member.ip, warmup_ms=f"{warmup_ms:.1f}")
         self._report()
         self._serve_takes()
 
     def _failed(self, vmid: str, exc: Exception) -> None:
-        if isinstance(exc, HandshakeTimeout) and self.handshakes == 0:
+        if isinstance(exc, HandshakeTimeout) and self.book.handshakes == 0:
             self._fatal = PoolFailed(
                 f"first handshake failed: {exc}. Check that agents can reach the internal NATS server at "
                 f"{self.deps.agent_host}:{self.deps.agent_port} from their network namespace, look for errors "
@@ -250,9 +317,9 @@ class Pool(Actor[PoolMsg]):
             log.error("First handshake failed, shutting down to avoid inconsistent behavior", vmid=vmid)
             self._filled.set()
             return
-        self.failures += 1
-        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self.failures - 1))
-        self._not_before = trio.current_time() + delay
+        self.book.failures += 1
+        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self.book.failures - 1))
+        self.book.not_before = trio.current_time() + delay
         log.warning("Machine failed to start; retrying", vmid=vmid, error=str(exc), retry_in=f"{delay:.1f}s")
         self._notify()
 
@@ -308,6 +375,11 @@ class Pool(Actor[PoolMsg]):
 
     async def _wait_changed(self) -> None:
         await self._changed.wait()
+
+
+def mailbox() -> Mailbox[PoolMsg]:
+    """The pool's mailbox, made by the node before the pool so that others can hold its ref."""
+    return Mailbox[PoolMsg](1024, name="pool")
 
 
 class _Started:

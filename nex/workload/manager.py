@@ -17,6 +17,17 @@ comes first; ``workload_stopped`` is published once, then the machine is gone (m
 reused). An essential workload that exits non-zero is deployed again on a fresh machine, after
 ``essential_backoff_ms``, then twice that each time (at most 30 s), at most ``essential_restart_limit``
 times (a workload that ran for a minute before failing starts counting again); never in lame duck.
+
+Limits hold under concurrency: a deploy reserves its workload slot before its first await and its
+artifact's bytes as soon as their size is known, so requests in flight count against
+``max_workloads`` and ``max_total_bytes``; at most :data:`DEPLOY_WORKERS` deploys run at once and at
+most :data:`DEPLOY_BACKLOG` more wait, beyond which a deploy is refused at once ("node is busy").
+A deploy that fails because of its machine (:class:`~nex.vm.machine.MachineFailed`, or the machine's
+actor gone) is tried once more on a fresh machine before the requester hears of it.
+
+A restart of the manager's actor runs a fresh :class:`WorkloadManager` on the node's
+:class:`WorkloadBook`, which holds what must outlive it: the running workloads and the essential
+restarts that are due.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ import trio
 
 from actors import (
     Actor,
+    ActorCrashed,
     ActorError,
     ActorRef,
     ActorStopped,
@@ -45,10 +57,10 @@ from actors import (
 from nex import crypto, logs, sysinfo
 from nex.api import agent as agent_api
 from nex.api import control, events, subjects
+from nex.bus.events import EventPublisher
 from nex.bus.link import InboundMsg, LinkError, NatsLink
-from nex.node.events import EventPublisher
-from nex.node.state import NodeState
-from nex.vm.machine import Deploy, MachineMsg, Undeploy, WorkloadRejected
+from nex.state import NodeState
+from nex.vm.machine import Deploy, MachineFailed, MachineMsg, Undeploy, WorkloadRejected
 from nex.vm.pool import PoolMsg, Settled, Take, Taken
 
 from . import checks, store
@@ -66,6 +78,8 @@ STOP_SLACK = 10.0  # beyond the workload's grace: the agent's answer and the mac
 REPORT_GRACE = 1.0
 RESTART_MAX = 30.0
 RESTART_RESET = 60.0  # an essential workload that ran this long before failing gets its restarts back
+DEPLOY_WORKERS = 8  # deploys running at once (checks, download, hand-over)
+DEPLOY_BACKLOG = 248  # deploys waiting for a worker; more are refused at once
 
 
 class MachineEnded(Message):
@@ -117,6 +131,57 @@ class Workload:
         return sysinfo.format_uptime(time.monotonic() - self.started)
 
 
+class Reservation:
+    """One deploy's claim on the node's limits, held from its first check to its end."""
+
+    def __init__(self, book: WorkloadBook) -> None:
+        self.book = book
+        self.bytes = 0
+        book.reserved_slots += 1
+
+    def add_bytes(self, size: int) -> None:
+        self.bytes += size
+        self.book.reserved_bytes += size
+
+    def release(self) -> None:
+        self.book.reserved_slots -= 1
+        self.book.reserved_bytes -= self.bytes
+        self.bytes = 0
+
+
+@dataclass(eq=False)
+class WorkloadBook:
+    """What the workload manager knows that outlives a restart of its actor."""
+
+    cache: ArtifactCache
+    workloads: dict[str, Workload] = field(default_factory=dict)  # by vmid
+    reserved_slots: int = 0  # deploys in flight
+    reserved_bytes: int = 0  # their artifacts' sizes, once known
+    restarts_due: dict[int, tuple[float, WorkloadSpec]] = field(default_factory=dict)  # token: (when, spec)
+    next_token: int = 0
+
+    def running_bytes(self) -> int:
+        return sum(len(w.spec.artifact) for w in self.workloads.values())
+
+    def summaries(self, namespace: str, sandbox: str) -> list[control.MachineSummary]:
+        """``machines`` of ``$NEX.INFO.{ns}.{node}``: this namespace's workloads."""
+        return [
+            control.MachineSummary(
+                id=w.vmid,
+                healthy=True,
+                uptime=w.uptime,
+                namespace=w.spec.namespace,
+                ip=w.ip,
+                sandbox=sandbox,
+                workload=control.WorkloadSummary(
+                    name=w.spec.name, description=w.spec.description, runtime=w.uptime, type="native", hash=w.spec.hash
+                ),
+            )
+            for w in self.workloads.values()
+            if w.spec.namespace.lower() == namespace.lower()
+        ]
+
+
 class WorkloadManager(Actor[WorkloadMsg]):
     def __init__(
         self,
@@ -125,22 +190,34 @@ class WorkloadManager(Actor[WorkloadMsg]):
         internal_link: NatsLink,
         publisher: EventPublisher,
         pool: ActorRef[PoolMsg],
+        book: WorkloadBook,
     ) -> None:
         self.state = state
         self.control = control_link
         self.internal = internal_link
         self.publisher = publisher
         self.pool = pool
-        self.workloads: dict[str, Workload] = {}  # by vmid
-        self.cache = ArtifactCache(state.config.artifact_cache_bytes)
-        self.deploying = 0
-        state.running_workloads = lambda: len(self.workloads)
+        self.book = book
+        self.workloads = book.workloads
+        self.cache = book.cache
+        self._deploy_workers = trio.CapacityLimiter(DEPLOY_WORKERS)
+        self._deploys = 0  # running or waiting for a worker
 
-    def spec(self, mailbox: Mailbox[WorkloadMsg]) -> ChildSpec:
-        """Run this manager on ``mailbox``; its state (the workloads) outlives a restart of the actor."""
-        return actor_spec(lambda: self, mailbox)
+    @staticmethod
+    def new_book(state: NodeState) -> WorkloadBook:
+        """The node's one book; the node's running-workload count reads it."""
+        book = WorkloadBook(cache=ArtifactCache(state.config.artifact_cache_bytes))
+        state.running_workloads = lambda: len(book.workloads)
+        return book
+
+    @staticmethod
+    def spec(factory: Callable[[], WorkloadManager], mailbox: Mailbox[WorkloadMsg]) -> ChildSpec:
+        """Each (re)start runs ``factory()``: a fresh manager on the node's :class:`WorkloadBook`."""
+        return actor_spec(factory, mailbox)
 
     async def on_start(self) -> None:
+        for token, (when, spec) in list(self.book.restarts_due.items()):  # a previous run's, cut short
+            self.nursery.start_soon(self._after, token, when, RestartDue(spec=spec))
         wanted = [(self.control, s) for s in subjects.workload_subscriptions(self.state.node_id)]
         # One subscription for an agent's logs and events: nats-py dispatches each subscription on its
         # own, so with two the workload_stopped report could overtake the workload's last lines.
@@ -155,7 +232,10 @@ class WorkloadManager(Actor[WorkloadMsg]):
                 self._from_agent(message)
             case InboundMsg(subject=subject):
                 verb = subject.split(".")[1] if subject.count(".") >= 1 else ""
-                handler = {"DEPLOY": self._deploy, "STOP": self._stop, "WPING": self._wping}.get(verb)
+                if verb == "DEPLOY":
+                    await self._accept_deploy(message)
+                    return
+                handler = {"STOP": self._stop, "WPING": self._wping}.get(verb)
                 if handler is not None:
                     self.nursery.start_soon(handler, message)
             case MachineEnded(vmid=vmid, reason=reason):
@@ -167,9 +247,28 @@ class WorkloadManager(Actor[WorkloadMsg]):
 
     # -- deploy ----------------------------------------------------------------------------------
 
+    async def _accept_deploy(self, msg: InboundMsg) -> None:
+        """Queue a deploy for a worker, or refuse it at once when the backlog is full."""
+        if self._deploys >= DEPLOY_WORKERS + DEPLOY_BACKLOG:
+            log.warning("Deploy refused: too many deploys in progress", subject=msg.subject, deploys=self._deploys)
+            busy = f"Node is busy: {self._deploys} deploys in progress. Try again shortly"
+            await self._respond(msg, control.failure(control.RUN_RESPONSE, busy))
+            return
+        self._deploys += 1
+        self.nursery.start_soon(self._deploy, msg)
+
     async def _deploy(self, msg: InboundMsg) -> None:
         try:
-            spec = await self._check(msg)
+            async with self._deploy_workers:
+                await self._deploy_now(msg)
+        finally:
+            self._deploys -= 1
+
+    async def _deploy_now(self, msg: InboundMsg) -> None:
+        reservation: Reservation | None = None
+        try:
+            reservation = self._reserve()
+            spec = await self._check(msg, reservation)
             workload = await self._launch(spec)
             reply = control.success(
                 control.RUN_RESPONSE,
@@ -181,21 +280,29 @@ class WorkloadManager(Actor[WorkloadMsg]):
         except Exception as exc:
             log.error("Deploy failed", exc, subject=msg.subject)
             reply = control.failure(control.RUN_RESPONSE, f"Failed to deploy workload: internal error: {exc}")
+        finally:
+            if reservation is not None:
+                reservation.release()
         await self._respond(msg, reply)
 
-    async def _check(self, msg: InboundMsg) -> WorkloadSpec:
-        """Every check of a deploy request, in order; raise :class:`Refused` at the first that fails."""
+    def _reserve(self) -> Reservation:
+        """A workload slot for a deploy, claimed before its first await (raises :class:`Refused`)."""
+        if self.state.lameduck:
+            raise Refused("Node is in lame duck mode. Workload deploy request rejected")
+        limit = self.state.config.node_limits.max_workloads
+        if limit and len(self.workloads) + self.book.reserved_slots >= limit:
+            raise Refused("Node is at maximum workload limit. Deploy request denied")
+        return Reservation(self.book)
+
+    async def _check(self, msg: InboundMsg, reservation: Reservation) -> WorkloadSpec:
+        """Every check of a deploy request, in order; raise :class:`Refused` at the first that fails.
+
+        Lame duck and the workload limit come first, in :meth:`_reserve`.
+        """
         config = self.state.config
         namespace = subjects.namespace_of(msg.subject)
         if namespace is None:
             raise Refused("Invalid subject for workload deployment")
-        if self.state.lameduck:
-            raise Refused("Node is in lame duck mode. Workload deploy request rejected")
-        if (
-            config.node_limits.max_workloads
-            and len(self.workloads) + self.deploying >= config.node_limits.max_workloads
-        ):
-            raise Refused("Node is at maximum workload limit. Deploy request denied")
         try:
             request = msgspec.json.decode(msg.data, type=control.DeployRequest)
         except msgspec.DecodeError as exc:
@@ -215,7 +322,7 @@ class WorkloadManager(Actor[WorkloadMsg]):
             location = Location.parse(request.location_url())
         except ArtifactError as exc:
             raise Refused(f"Invalid deploy request: {exc}") from None
-        artifact, digest = await self._artifact(location, request.jsdomain, claims.text("hash"))
+        artifact, digest = await self._artifact(location, request.jsdomain, claims.text("hash"), reservation)
         return WorkloadSpec(
             name=checks.workload_name(claims),
             namespace=namespace,
@@ -231,11 +338,15 @@ class WorkloadManager(Actor[WorkloadMsg]):
             essential=bool(request.essential),
         )
 
-    async def _artifact(self, location: Location, jsdomain: str | None, claimed: str) -> tuple[bytes, str]:
+    async def _artifact(
+        self, location: Location, jsdomain: str | None, claimed: str, reservation: Reservation
+    ) -> tuple[bytes, str]:
         """The artifact's bytes and sha256, checked: size limits, hash claim, static ELF for this machine.
 
         Looked up first (one request): limits and the writer's digest are checked before any
-        download, and bytes verified earlier under the claimed hash are used from the cache.
+        download, and bytes verified earlier under the claimed hash are used from the cache. The
+        size is reserved against ``max_total_bytes`` as soon as it is known, with no await between
+        the check and the reservation.
         """
         limits = self.state.config.node_limits
         try:
@@ -243,9 +354,10 @@ class WorkloadManager(Actor[WorkloadMsg]):
             checks.check_size(stored.size, limits.max_workload_bytes)
             if stored.sha256 and stored.sha256 != claimed.lower():
                 raise ArtifactError(f"the artifact's sha256 is {stored.sha256}, but the workload JWT claims {claimed}")
-            running = sum(len(w.spec.artifact) for w in self.workloads.values())
-            if limits.max_total_bytes and running + stored.size > limits.max_total_bytes:
+            committed = self.book.running_bytes() + self.book.reserved_bytes
+            if limits.max_total_bytes and committed + stored.size > limits.max_total_bytes:
                 raise Refused("Workload file size would exceed node total limitations")
+            reservation.add_bytes(stored.size)
             cached = self.cache.get(stored.sha256) if stored.sha256 else None
             if cached is not None:
                 return cached, stored.sha256
@@ -264,39 +376,49 @@ class WorkloadManager(Actor[WorkloadMsg]):
         return data, digest
 
     async def _launch(self, spec: WorkloadSpec) -> Workload:
-        """Take a ready machine and have its agent run ``spec``; the workload, recorded."""
-        self.deploying += 1
+        """Have a fresh machine's agent run ``spec``; the workload, recorded.
+
+        A failure of the machine (not of the workload) is retried once on another machine.
+        """
         try:
-            try:
-                taken: Taken = await self.pool.ask(lambda reply: Take(reply=reply), timeout=TAKE_TIMEOUT)
-            except ActorError as exc:
-                raise Refused(
-                    f"Failed to deploy workload: no machine became ready in {TAKE_TIMEOUT:g}s ({exc})"
-                ) from None
-            workload = Workload(spec=spec, vmid=taken.vmid, ref=taken.ref, ip=taken.ip)
-            self.workloads[taken.vmid] = workload  # before the agent starts it: its first logs map here
-            request = agent_api.AgentDeployRequest(
-                workload_name=spec.name,
-                namespace=spec.namespace,
-                hash=spec.hash,
-                total_bytes=len(spec.artifact),
-                argv=spec.argv,
-                environment=spec.environment,
-                description=spec.description,
-                essential=spec.essential,
+            return await self._launch_on_a_machine(spec)
+        except _MachineTrouble as exc:
+            log.warning("Deploy failed because of its machine; trying a fresh one", name=spec.name, error=str(exc))
+        try:
+            return await self._launch_on_a_machine(spec)
+        except _MachineTrouble as exc:
+            raise Refused(f"Failed to deploy workload: {exc}") from None
+
+    async def _launch_on_a_machine(self, spec: WorkloadSpec) -> Workload:
+        try:
+            taken: Taken = await self.pool.ask(lambda reply: Take(reply=reply), timeout=TAKE_TIMEOUT)
+        except ActorError as exc:
+            raise Refused(f"Failed to deploy workload: no machine became ready in {TAKE_TIMEOUT:g}s ({exc})") from None
+        workload = Workload(spec=spec, vmid=taken.vmid, ref=taken.ref, ip=taken.ip)
+        self.workloads[taken.vmid] = workload  # before the agent starts it: its first logs map here
+        request = agent_api.AgentDeployRequest(
+            workload_name=spec.name,
+            namespace=spec.namespace,
+            hash=spec.hash,
+            total_bytes=len(spec.artifact),
+            argv=spec.argv,
+            environment=spec.environment,
+            description=spec.description,
+            essential=spec.essential,
+        )
+        try:
+            await taken.ref.ask(
+                lambda reply: Deploy(request=request, artifact=spec.artifact, reply=reply), timeout=DEPLOY_TIMEOUT
             )
-            try:
-                await taken.ref.ask(
-                    lambda reply: Deploy(request=request, artifact=spec.artifact, reply=reply), timeout=DEPLOY_TIMEOUT
-                )
-            except (WorkloadRejected, ActorError) as exc:
-                self.workloads.pop(taken.vmid, None)
-                raise Refused(f"Failed to deploy workload: workload rejected by agent: {exc}") from None
-            finally:
-                with contextlib.suppress(ActorStopped, MailboxFull):
-                    self.pool.send_nowait(Settled(vmid=taken.vmid))  # the pool may refill now
+        except (MachineFailed, ActorCrashed, ActorStopped) as exc:
+            self.workloads.pop(taken.vmid, None)
+            raise _MachineTrouble(f"machine {taken.vmid} failed: {exc}") from None
+        except (WorkloadRejected, ActorError) as exc:
+            self.workloads.pop(taken.vmid, None)
+            raise Refused(f"Failed to deploy workload: workload rejected by agent: {exc}") from None
         finally:
-            self.deploying -= 1
+            with contextlib.suppress(ActorStopped, MailboxFull):
+                self.pool.send_nowait(Settled(vmid=taken.vmid))  # the pool may refill now
         self.state.workloads_changed()
         log.info(
             "Workload deployed", name=spec.name, namespace=spec.namespace, vmid=workload.vmid, restarts=spec.restarts
@@ -367,24 +489,6 @@ class WorkloadManager(Actor[WorkloadMsg]):
         )
         await self._respond(msg, control.success(control.PING_RESPONSE, answer))
 
-    def summaries(self, namespace: str) -> list[control.MachineSummary]:
-        """``machines`` of ``$NEX.INFO.{ns}.{node}``: this namespace's workloads."""
-        return [
-            control.MachineSummary(
-                id=w.vmid,
-                healthy=True,
-                uptime=w.uptime,
-                namespace=w.spec.namespace,
-                ip=w.ip,
-                sandbox=self.state.sandbox.kind,
-                workload=control.WorkloadSummary(
-                    name=w.spec.name, description=w.spec.description, runtime=w.uptime, type="native", hash=w.spec.hash
-                ),
-            )
-            for w in self.workloads.values()
-            if w.spec.namespace.lower() == namespace.lower()
-        ]
-
     # -- what agents report ----------------------------------------------------------------------
 
     def _from_agent(self, msg: InboundMsg) -> None:
@@ -452,11 +556,15 @@ class WorkloadManager(Actor[WorkloadMsg]):
         delay = min(RESTART_MAX, config.essential_backoff_ms / 1000 * 2**spec.restarts)
         log.warning("Essential workload exited; restarting it", name=spec.name, restart=spec.restarts + 1, in_s=delay)
         again = msgspec.structs.replace(spec, restarts=spec.restarts + 1)
-        self.nursery.start_soon(self._after, delay, RestartDue(spec=again))
+        token, self.book.next_token = self.book.next_token, self.book.next_token + 1
+        when = trio.current_time() + delay
+        self.book.restarts_due[token] = (when, again)
+        self.nursery.start_soon(self._after, token, when, RestartDue(spec=again))
 
-    async def _after(self, delay: float, message: RestartDue) -> None:
-        await trio.sleep(delay)
+    async def _after(self, token: int, when: float, message: RestartDue) -> None:
+        await trio.sleep_until(when)
         await self.ref.send(message)
+        self.book.restarts_due.pop(token, None)
 
     async def _restart(self, spec: WorkloadSpec) -> None:
         if self.state.lameduck:
@@ -483,6 +591,10 @@ class WorkloadManager(Actor[WorkloadMsg]):
             await self.control.respond(msg, reply)
         except LinkError as exc:
             log.warning("Could not send a reply", subject=msg.subject, error=str(exc))
+
+
+class _MachineTrouble(Exception):
+    """A deploy failed because of its machine; another machine may do."""
 
 
 def notify_machine_ended(manager: ActorRef[WorkloadMsg]) -> Callable[[str, str], None]:

@@ -17,6 +17,7 @@ import trio
 
 from actors import Journal, Mailbox
 from actors.testing import cancel_at_each_checkpoint
+from nex import ids
 from nex.bus.aio import open_asyncio_thread
 from nex.bus.credentials import AgentCredentials
 from nex.bus.link import NatsLink
@@ -26,7 +27,6 @@ from nex.net import netns
 from nex.net.network import Networks
 from nex.sandbox import cgroups
 from nex.sandbox.policy import HostSupport, Sandbox
-from nex.vm import ids
 from nex.vm.drivers.process import ProcessDriver
 from nex.vm.handshake import HandshakeBook, Handshakes
 from nex.vm.launcher import ZygoteLauncher

@@ -17,10 +17,10 @@ import nats
 import nats.errors
 import pytest
 
+from nex import ids
 from nex.api import control
 from nex.net import netns
 from nex.net.ipam import DEFAULT_ROOT as LEASES
-from nex.vm import ids
 
 from .support import (
     STARTED,

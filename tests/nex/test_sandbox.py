@@ -23,11 +23,10 @@ from typing import Any
 
 import pytest
 
-from nex import crypto
+from nex import crypto, ids
 from nex.api import control
 from nex.net import netns
 from nex.sandbox import cgroups
-from nex.vm import ids
 from nex.workload import request as workload_request
 
 from .support import Bus, NatsServerProc, NodeProcess, internal_url, run_cli, wait_gone

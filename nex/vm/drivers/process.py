@@ -13,9 +13,9 @@ from __future__ import annotations
 import msgspec
 import trio
 
+from nex import ids
 from nex.net.network import Networks
 from nex.sandbox.policy import Sandbox
-from nex.vm import ids
 from nex.vm.launcher import AgentProcess, Launcher, LaunchSpec
 
 from .base import MachineContext
