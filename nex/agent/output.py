@@ -81,6 +81,8 @@ class LogGate:
         self._held_until = 0.0
         self.dropped_lines = 0
         self.dropped_bytes = 0
+        self.failed_lines = 0  # lines (or pieces) that could not be passed on (see pump)
+        self.failed_bytes = 0
 
     def cut(self) -> None:
         """Let nothing more out, and end every wait now."""
@@ -112,30 +114,73 @@ class LogGate:
             self.dropped_bytes += len(block)
 
 
-async def pump(stream: asyncio.StreamReader, limit: int, gate: LogGate, emit: Callable[[str], Awaitable[None]]) -> None:
+READ_SIZE = 1 << 16
+"""Bytes read from a workload's pipe at a time: the pump never asks for more, whatever its lines' length."""
+
+
+async def pump(
+    stream: asyncio.StreamReader,
+    limit: int,
+    gate: LogGate,
+    emit: Callable[[str], Awaitable[None]],
+    *,
+    on_split: Callable[[], None] | None = None,
+    on_error: Callable[[Exception], None] | None = None,
+) -> None:
     """Pass ``stream``'s lines to ``emit`` (without their newline) as ``gate`` admits them, until its end.
 
-    While the gate holds a line back nothing more is read, so once the reader's buffer and the pipe
-    are full the writer blocks: the backpressure that keeps the budget without losing output. A line
-    longer than ``limit`` (the reader's own limit, beyond which it will not look for a newline) goes
-    out in pieces of ``limit`` bytes, each admitted as a line; a UTF-8 character cut between two
-    pieces is kept whole, in the second. Undecodable bytes become U+FFFD.
+    The stream is read in blocks of at most :data:`READ_SIZE` bytes and cut into lines here, so no line
+    length is too much for the reader. While the gate holds a line back nothing more is read, so once
+    the pipe is full the writer blocks: the backpressure that keeps the budget without losing output.
+    A line longer than ``limit`` bytes goes out in pieces of ``limit`` bytes, each admitted as a line
+    (``on_split`` is called as the first piece of each such line goes); a UTF-8 character cut between
+    two pieces is kept whole, in the second. Undecodable bytes become U+FFFD.
+
+    ``emit`` failing (a publish refused, say) loses that one line, never the pump: the failure is
+    counted in ``gate.failed_lines`` and handed to ``on_error`` (raised when there is none), and the
+    pump reads on, so that the workload is never left blocked on a pipe that nobody reads.
     """
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    buffer = bytearray()
+    start = 0  # buffer[start:] is what has not gone out yet
+    continued = False  # the line under way has gone out in part already
     while True:
-        try:
-            chunk, whole = await stream.readuntil(b"\n"), True
-        except asyncio.IncompleteReadError as end:
-            chunk, whole = end.partial, True  # the end: a last line without its newline, or nothing
-        except asyncio.LimitOverrunError:
-            chunk, whole = await stream.read(limit), False  # more than limit bytes are buffered
-        if not chunk:
+        block = await stream.read(READ_SIZE)
+        if block:
+            del buffer[:start]
+            start = 0
+            buffer += block
+        while True:
+            newline = buffer.find(b"\n", start, start + limit + 1)
+            if newline >= 0:
+                end, whole = newline + 1, True
+            elif len(buffer) - start > limit:
+                end, whole = start + limit, False
+            elif not block and start < len(buffer):
+                end, whole = len(buffer), True  # the end: a last line without its newline
+            else:
+                break  # a line begun: read on
+            chunk = bytes(buffer[start:end])
+            start = end
+            if not whole and not continued and on_split is not None:
+                on_split()
+            continued = not whole
+            if not await gate.admit(len(chunk)):
+                gate.dropped_lines += buffer.count(b"\n", start)
+                gate.dropped_bytes += len(buffer) - start
+                await gate.discard(stream)
+                return
+            text = decoder.decode(chunk, final=whole)
+            try:
+                await emit(text.removesuffix("\n") if whole else text)
+            except Exception as exc:
+                gate.failed_lines += 1
+                gate.failed_bytes += len(chunk)
+                if on_error is None:
+                    raise
+                on_error(exc)
+        if not block:
             return
-        if not await gate.admit(len(chunk)):
-            await gate.discard(stream)
-            return
-        text = decoder.decode(chunk, final=whole)
-        await emit(text.removesuffix("\n") if whole else text)
 
 
 def describe(budget: api.LogBudget) -> str:

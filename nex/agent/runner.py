@@ -15,9 +15,12 @@ a second, with a burst), stdout and stderr together: one log message per line co
 work is not limited by any machine's cgroup, and one workload printing a million short lines a second
 starved every other machine of the node. The budget is kept by backpressure, not by dropping: when
 it is spent the agent stops reading the workload's pipes until it is back, the pipes fill, and the
-workload blocks on its own writes. Every line arrives, in order, just later. A line longer than the
-reader's limit (:data:`LINE_LIMIT`) goes out in pieces of at most that many bytes. The agent says in
-its own log, once the workload has ended, how long its output was held back.
+workload blocks on its own writes. Every line arrives, in order, just later. A line longer than
+:data:`LINE_LIMIT` goes out in pieces of at most that many bytes, and the agent says so in its own log
+(at the first such line, and how many there were once the workload has ended), as it says how long
+the output was held back. A line that cannot be passed on (its publish fails) is lost alone: the
+agent says why, and how many were lost, and reads on, so that the workload never blocks on a pipe
+that nobody reads any more.
 
 On ``undeploy`` it sends the workload SIGTERM, waits up to ``grace`` seconds, then SIGKILL, and
 answers once the workload is gone. The grace covers the output still held back too: what has not
@@ -44,7 +47,10 @@ from .launchpad import Launchpad, Workload
 from .output import LogGate, describe, pump
 from .store_watch import StoreWatch
 
-LINE_LIMIT = 1 << 20
+LINE_LIMIT = 64 << 10
+"""The longest piece of a line that goes out as one log message (longer lines go out in pieces). The
+message is JSON, in which a byte can take 6 (``\\u0001``): 64 KiB stays well within the 1 MiB a NATS
+message holds by default, as on the control server the node relays each line to."""
 UNDEPLOY_GRACE = 5.0
 JAIL_AHEAD_DELAY = 1.0
 """Seconds after the handshake before a warm machine forks its workload's init and builds its jail:
@@ -83,6 +89,7 @@ class Runner:
         self.request: api.AgentDeployRequest | None = None
         self.ended = asyncio.Event()
         self._pumps: list[asyncio.Future[None]] = []
+        self._long_lines = 0  # lines of the workload's output longer than LINE_LIMIT
         self._waiter: asyncio.Future[None] | None = None
         self.watch: StoreWatch | None = None
         self._watching: asyncio.Future[None] | None = None
@@ -209,16 +216,45 @@ class Runner:
         assert self.request is not None
         name = self.request.workload_name
 
+        what = "stderr" if level == api.LEVEL_ERROR else "stdout"
+
         async def emit(text: str) -> None:
             await self.nc.publish(
                 api.logs(self.vmid), _encoder.encode(api.LogEntry(source=name, level=level, text=text))
             )
 
-        await pump(stream, LINE_LIMIT, self.gate, emit)
+        def on_split() -> None:
+            self._long_lines += 1
+            if self._long_lines == 1:
+                self._say(
+                    f"workload {name} wrote a line longer than {LINE_LIMIT >> 10} KiB on its {what}: "
+                    f"such lines go out in pieces of {LINE_LIMIT >> 10} KiB"
+                )
+
+        def on_error(exc: Exception) -> None:
+            if self.gate.failed_lines == 1:
+                self._say(f"a line of workload {name}'s {what} could not be passed on, it is lost: {_why(exc)}")
+
+        try:
+            await pump(stream, LINE_LIMIT, self.gate, emit, on_split=on_split, on_error=on_error)
+        except Exception as exc:  # reading failed: say so, and keep the pipe from filling if it still can
+            self._say(f"workload {name}'s {what} could not be read on ({_why(exc)}): the rest of it is dropped")
+            with contextlib.suppress(Exception):
+                await self.gate.discard(stream)
 
     def _report_output(self, name: str) -> None:
         """Say, once, whether the budget held the workload's output back, and what a stop dropped."""
         gate = self.gate
+        if self._long_lines:
+            self._say(
+                f"workload {name} wrote {_lines(self._long_lines)} longer than {LINE_LIMIT >> 10} KiB, "
+                f"which went out in pieces of {LINE_LIMIT >> 10} KiB"
+            )
+        if gate.failed_lines:
+            self._say(
+                f"{_lines(gate.failed_lines)} ({gate.failed_bytes} bytes) of workload {name}'s output "
+                "could not be passed on, and are lost"
+            )
         if gate.held_back > 0:
             self._say(
                 f"workload {name} wrote faster than its log budget of {describe(self.log_budget)}: "
@@ -239,7 +275,10 @@ class Runner:
         _, pending = await asyncio.wait(self._pumps, timeout=EXIT_DRAIN)
         if pending:
             self.gate.cut()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await asyncio.wait(pending)
+        for task in self._pumps:  # a pump says what went wrong itself: this is only in case it could not
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                self._say(f"the output of workload {self.request.workload_name} failed: {_why(exc)}")
         self._report_output(self.request.workload_name)
         message = f"exited with code {code}" if code >= 0 else f"killed by signal {-code}"
         if code == -9 and self._count_oom_kills() > self._oom_kills:
@@ -264,3 +303,13 @@ class Runner:
 
     def _say(self, text: str) -> None:
         self.log(text)
+
+
+def _why(exc: BaseException) -> str:
+    """An exception as the agent's log says it: its type, and its message when it has one."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _lines(count: int) -> str:
+    return f"{count} line" if count == 1 else f"{count} lines"

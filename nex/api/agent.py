@@ -4,6 +4,9 @@ Subjects are ``agentint.{vmid}.*``: the agent requests ``handshake`` once connec
 ``ping`` (with ``OK``), ``deploy`` and ``undeploy``; it publishes ``events.{type}`` and ``logs``.
 Each agent connects with its own nkey user, allowed only its own ``agentint.{vmid}.>`` subjects and
 its own reply inbox ``_INBOX_{vmid}.>`` (and to answer requests it receives).
+
+The payloads write their fields as nex's Go structs do (see :func:`nex.api.control.written`): a field
+without ``omitempty`` in Go is always written, even empty. The structs marked nex-py are this node's own.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 from typing import Annotated
 
 import msgspec
+
+from .control import written
 
 PREFIX = "agentint"
 
@@ -128,8 +133,9 @@ class MachineMetadata(msgspec.Struct, omit_defaults=True):
     vmid: str
     node_nats_host: str
     node_nats_port: int
-    node_nats_nkey: str = ""
-    message: str = "Host-supplied metadata"
+    node_nats_nkey: str = written(str)
+    message: str = written(lambda: "Host-supplied metadata")
+    # nex-py
     jail: Jail | None = None
     log_budget: LogBudget = LogBudget()
 
@@ -151,11 +157,12 @@ class AgentDeployRequest(msgspec.Struct, omit_defaults=True):
     namespace: str
     hash: str
     total_bytes: int
-    workload_type: str = "native"
+    workload_type: str = written(lambda: "native")
     argv: list[str] = []
-    environment: dict[str, str] = {}
-    description: str = ""
+    environment: dict[str, str] = written(dict)
+    description: str = written(str)
     essential: bool = False
+    trigger_subjects: list[str] = written(list)  # functions only: never any for native workloads
 
 
 class LogEntry(msgspec.Struct, omit_defaults=True):
@@ -167,10 +174,11 @@ class LogEntry(msgspec.Struct, omit_defaults=True):
 
 
 class WorkloadStatus(msgspec.Struct, omit_defaults=True):
-    """``workload_started`` / ``workload_stopped`` data, as the agent reports it."""
+    """``workload_started`` / ``workload_stopped`` data, as the agent reports it (nex's
+    ``WorkloadStatusEvent``: ``code`` always, ``message`` only when there is one)."""
 
     workload_name: str
-    code: int = 0
+    code: int = written(int)
     message: str = ""
 
 
@@ -195,4 +203,4 @@ class UndeployRequest(msgspec.Struct, omit_defaults=True):
 
 class DeployResponse(msgspec.Struct, omit_defaults=True):
     accepted: bool
-    message: str | None = None
+    message: str | None = written(lambda: None)  # null when accepted, as nex writes it

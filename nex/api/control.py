@@ -6,13 +6,33 @@ failure nex sends ``"data": ""`` and the reason in ``error`` (a quirk of Go's ``
 
 Unknown fields are ignored when decoding (msgspec's default), so newer or older peers interoperate;
 fields this node adds beyond nex's (marked "nex-py") are ones a Go client simply skips.
+
+Which fields are written follows nex's Go structs: a field tagged ``omitempty`` is left out when
+empty (here: ``omit_defaults`` and a default), every other one is always written, empty or not
+(here: no default, or a default made by :func:`written`). tests/nex/test_wire_fields.py pins both.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import msgspec
+
+T = TypeVar("T")
+
+
+def written(factory: Callable[[], T]) -> T:
+    """A field default that is written out even when the struct has ``omit_defaults``: for a field that
+    Go writes always (no ``omitempty``), on a struct whose other defaults stand for Go's ``omitempty``.
+
+    msgspec leaves a field out when its value *is* the field's default, or when the default is the
+    ``list``, ``dict`` or ``set`` factory and the value an empty one of that type (its documented
+    "detection logic"). A factory of its own is neither, so such a field is always written, while
+    decoding and constructing still fall back on ``factory()``.
+    """
+    return msgspec.field(default_factory=lambda: factory())
+
 
 TYPE_PREFIX = "io.nats.nex.v1"
 PING_RESPONSE = f"{TYPE_PREFIX}.ping_response"
@@ -50,7 +70,7 @@ class WorkloadSummary(msgspec.Struct, omit_defaults=True):
     name: str
     runtime: str
     type: str
-    hash: str = ""
+    hash: str = written(str)
     description: str = ""
 
 
@@ -113,7 +133,7 @@ class InfoResponse(msgspec.Struct, omit_defaults=True):
     version: str
     uptime: str
     public_xkey: str
-    machines: list[MachineSummary] = []
+    machines: list[MachineSummary] = written(list)  # [] when none, as nex writes it
     tags: dict[str, str] = {}
     memory: MemoryStat | None = None
     supported_workload_types: list[str] = []

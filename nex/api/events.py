@@ -1,6 +1,8 @@
 """Events as CloudEvents 1.0 JSON, as nex publishes them on ``$NEX.events.{ns}.{type}`` (reference §7).
 
-Node events go to the ``system`` namespace with the node's public key as ``source``.
+Node events go to the ``system`` namespace with the node's public key as ``source``. As in
+:mod:`nex.api.control`, a field is left out when empty only where nex's Go struct says ``omitempty``
+(``tags``); every other one is always written.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class LameDuckData(msgspec.Struct):
     id: str
 
 
-class HeartbeatData(msgspec.Struct):
+class HeartbeatData(msgspec.Struct, omit_defaults=True):
     version: str
     node_id: str
     uptime: str

@@ -11,13 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from nex.net import fence, netns
-from nex.net.ipam import DEFAULT_ROOT as LEASES
-
-from .support import STARTED, Bus, NatsServerProc, kill_leftovers, processes_mentioning, wait_gone
+from .support import (
+    STARTED,
+    Bus,
+    LeakCheck,
+    NatsServerProc,
+    host_objects,
+    kill_leftovers,
+    processes_mentioning,
+    wait_gone,
+)
 from .workloads import Binaries, BuildUnavailable, build
-
-CGROUPS = Path("/sys/fs/cgroup")
 
 
 @pytest.fixture
@@ -69,33 +73,25 @@ def bus(nats_server: NatsServerProc) -> Iterator[Bus]:
 
 
 def kernel_objects() -> dict[str, set[str]]:
-    """Our kind of host objects: nx* namespaces, links, cgroups and nftables tables, IP lease files, and
-    mounts of ours (a machine's jail is mounted only in its own namespace: none may show here)."""
-    leases = {str(p) for p in LEASES.glob("*/*") if p.name[0].isdigit()} if LEASES.is_dir() else set()
-    cgroups = {str(p) for p in (*CGROUPS.glob("nx*"), *CGROUPS.glob("*/nx*"))}
-    mounts = {line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines() if "/nx" in line}
-    return {
-        "namespaces": set(netns.namespaces("nx")),
-        "links": set(netns.links("nx")),
-        "leases": leases,
-        "cgroups": cgroups,
-        "nftables tables": set(fence.tables("nx")) if netns.has_capabilities() else set(),
-        "mounts": mounts,
-    }
+    """Every nx* host object, whoever made it (see :func:`.support.host_objects`); a test's own leaks
+    are what :class:`.support.LeakCheck` finds."""
+    return host_objects()
 
 
 @pytest.fixture(autouse=True)
 def no_leaks(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[None]:
     """After an integration test: none of its processes, stores, machine dirs, namespaces, links or leases.
 
-    Kernel objects and leases are compared with what existed before the test, so a node an operator
-    runs on the same host does not fail the suite.
+    Only what the test itself left counts: its processes and files are found by its directory, and
+    its kernel objects and leases are those that appeared during the test and that no other node
+    running on the host holds (see :class:`.support.LeakCheck`), so that an operator's node, or another
+    suite's, on the same host does not fail the suite.
     """
     integration = request.node.get_closest_marker("integration") is not None
-    before = kernel_objects() if integration else {}
+    check = LeakCheck(tmp_path) if integration else None
     STARTED.clear()
     yield
-    if not integration:
+    if check is None:
         return
     for node in STARTED:  # a test that failed half-way: stop its nodes as an operator would
         if node.proc is not None and node.proc.poll() is None:
@@ -117,9 +113,5 @@ def no_leaks(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[None]:
     mounts = [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if marker in line]
     if mounts:
         problems.append(f"mounts of the test's files left behind: {mounts}")
-    after = kernel_objects()
-    for kind, found in after.items():
-        new = sorted(found - before[kind])
-        if new:
-            problems.append(f"{kind} left behind: {new}")
+    problems += [f"{kind} left behind: {found}" for kind, found in check.leaks().items()]
     assert not problems, "\n".join(problems)

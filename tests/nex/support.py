@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import queue
+import re
 import select
 import shutil
 import signal
@@ -18,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,6 +30,7 @@ from nats.aio.client import Client
 
 from nex.api import control
 from nex.bus.server import free_port, nats_server_binary
+from nex.net.ipam import DEFAULT_ROOT as LEASES
 
 T = TypeVar("T")
 NEX = shutil.which("nex") or str(Path(sys.executable).parent / "nex")
@@ -397,6 +400,146 @@ def wait_gone(pids: Iterator[int] | list[int], timeout: float) -> list[int]:
             os.close(fd)
 
 
+# -- leaks: host objects ---------------------------------------------------------------------------------
+
+CGROUPS = Path("/sys/fs/cgroup")
+
+
+@dataclass(frozen=True)
+class HostPlaces:
+    """Where nex's host objects are looked for. The leak check's own test points these at its own
+    directories (and turns ``kernel`` off for a check about files alone)."""
+
+    cgroups: Path = CGROUPS
+    leases: Path = LEASES
+    kernel: bool = True  # the host's nx* network namespaces, links, nftables tables and mounts
+
+
+def host_objects(places: HostPlaces | None = None) -> dict[str, set[str]]:
+    """nex's kind of host objects, by kind: nx* namespaces, links, cgroups and nftables tables, IP lease
+    files, and mounts of ours (a machine's jail is mounted only in its own namespace: none may show here).
+
+    These are every such object of the host, whoever made it: see :class:`LeakCheck` for those of a test.
+    """
+    places = places or HostPlaces()
+    root = places.leases
+    leases = {str(p) for p in root.glob("*/*") if p.name[0].isdigit()} if root.is_dir() else set()
+    cgroups = {str(p) for p in (*places.cgroups.glob("nx*"), *places.cgroups.glob("*/nx*"))}
+    found = {"leases": leases, "cgroups": cgroups}
+    if places.kernel:
+        from nex.net import fence, netns
+
+        mountinfo = Path("/proc/self/mountinfo").read_text().splitlines()
+        found |= {
+            "namespaces": set(netns.namespaces("nx")),
+            "links": set(netns.links("nx")),
+            "nftables tables": set(fence.tables("nx")) if netns.has_capabilities() else set(),
+            "mounts": {line.split()[4] for line in mountinfo if "/nx" in line},
+        }
+    return found
+
+
+#: the names nex gives its host objects: ``nx`` and 10 hex characters (a machine's from its id, a
+#: node's from its state directory; links add a letter), and machine ids (an IP lease's owner)
+_NAMES = re.compile(r"nx[0-9a-f]{10}|(?<![0-9a-z])[0-9a-v]{20}(?![0-9a-z])")
+
+
+def names_in(text: str) -> set[str]:
+    """The nex object names and machine ids in ``text``."""
+    return set(_NAMES.findall(text))
+
+
+def _described(kind: str, identity: str) -> str:
+    """What is known of an object: its identity, and for an IP lease the machine that holds it."""
+    if kind == "leases":
+        with contextlib.suppress(OSError):
+            return f"{identity} {Path(identity).read_text(errors='replace')}"
+    return identity
+
+
+def live_node_dirs() -> set[Path]:
+    """The state directories of the nodes running on this host: where the ``node.lock`` files that
+    processes hold open are (every node holds its own for its whole life)."""
+    found = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry.name}/fd")
+        except OSError:  # gone, or not ours to read
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{entry.name}/fd/{fd}").removesuffix(" (deleted)")
+            except OSError:
+                continue
+            if target.endswith("/node.lock"):
+                found.add(Path(target).parent)
+    return found
+
+
+def journaled_names(state_dir: Path) -> set[str]:
+    """The names of the host objects a node holds, from its journal: every one is recorded there before
+    it is made, and the record is removed only once the object is gone (see actors.cleanup)."""
+    from nex.node.host import node_stem
+
+    names = {node_stem(state_dir)}  # its gateway link and fence: journaled too, but a node's own
+    with contextlib.suppress(OSError):
+        for record in (state_dir / "journal").glob("*.json"):
+            with contextlib.suppress(OSError):
+                names |= names_in(record.read_text(errors="replace"))
+    return names
+
+
+class LeakCheck:
+    """The host objects a test left behind: of those made during it, the ones no other node holds.
+
+    Made before the test, it notes the host's objects; :meth:`leaks` (after the test, its own nodes
+    stopped) takes those that appeared since and sets aside those that a node outside ``own`` (the
+    test's directory) holds by its journal: an operator's node, or another suite's, may make and remove
+    machines meanwhile. Such nodes are the ones running before the test or after it (and one killed
+    meanwhile still has its journal), and the default state directory's. Whatever else appeared is
+    the test's: a node of its own, or an object it made itself (a netns, a link, a cgroup), that is
+    still there.
+
+    The objects are read before the journals, and the suspects read again after them: a node writes
+    its record before it makes an object and removes it only after the object is gone, so an object
+    of another node that is seen is either in its journal when read, or gone when read again.
+    Objects made meanwhile by something other than a node (another suite's test making a netns of its
+    own, say) cannot be told apart, and count as the test's.
+    """
+
+    def __init__(self, own: Path, places: HostPlaces | None = None) -> None:
+        from nex.config import default_state_dir
+
+        self.own = Path(os.path.realpath(own))
+        self.places = places
+        self.nodes = {default_state_dir(), *live_node_dirs()}  # other nodes, and (skipped) the test's
+        self.before = host_objects(places)
+
+    def others(self) -> set[str]:
+        """The names of what other nodes hold: those running now or when the check was made."""
+        self.nodes |= live_node_dirs()
+        names: set[str] = set()
+        for state_dir in self.nodes:
+            if not Path(os.path.realpath(state_dir)).is_relative_to(self.own):
+                names |= journaled_names(state_dir)
+        return names
+
+    def leaks(self) -> dict[str, list[str]]:
+        """Kind -> the objects the test left behind (none: an empty dict)."""
+        after = host_objects(self.places)
+        theirs = self.others()
+        suspects = {
+            kind: {o for o in found - self.before.get(kind, set()) if not names_in(_described(kind, o)) & theirs}
+            for kind, found in after.items()
+        }
+        if not any(suspects.values()):
+            return {}
+        again = host_objects(self.places)
+        return {kind: sorted(left) for kind, found in suspects.items() if (left := found & again[kind])}
+
+
 def kill_leftovers(text: str) -> dict[int, str]:
     """SIGKILL what mentions ``text`` (after a failed leak check, so the next test starts clean)."""
     leftovers = processes_mentioning(text)
@@ -441,8 +584,8 @@ def environment(pid: int) -> dict[str, str]:
 
 def workload_pids(vmid: str) -> list[int]:
     """The machine's workload processes (what runs ``/app/workload`` in its cgroup), as the host sees them."""
+    from nex import ids
     from nex.sandbox import cgroups
-    from nex.vm import ids
 
     procs = cgroups.Hierarchy.detect().paths(ids.short(vmid))[0] / "cgroup.procs"
     found = []
