@@ -76,6 +76,7 @@ TAKE_TIMEOUT = 10.0
 DEPLOY_TIMEOUT = 30.0
 STOP_SLACK = 10.0  # beyond the workload's grace: the agent's answer and the machine's teardown
 REPORT_GRACE = 1.0
+REPLY_GRACE = 2.0  # for the one reply of a deploy cut short
 RESTART_MAX = 30.0
 RESTART_RESET = 60.0  # an essential workload that ran this long before failing gets its restarts back
 DEPLOY_WORKERS = 8  # deploys running at once (checks, download, hand-over)
@@ -258,13 +259,19 @@ class WorkloadManager(Actor[WorkloadMsg]):
         self.nursery.start_soon(self._deploy, msg)
 
     async def _deploy(self, msg: InboundMsg) -> None:
+        """One deploy, answered exactly once: also when the manager is stopped half way (the node
+        stopping, a crash of the actor), with a reply that says so, shielded and bounded."""
+        reply = control.failure(control.RUN_RESPONSE, "Failed to deploy workload: the node stopped before it was done")
         try:
             async with self._deploy_workers:
-                await self._deploy_now(msg)
+                reply = await self._deploy_now(msg)
         finally:
             self._deploys -= 1
+            with trio.CancelScope(shield=True), trio.move_on_after(REPLY_GRACE):
+                await self._respond(msg, reply)
 
-    async def _deploy_now(self, msg: InboundMsg) -> None:
+    async def _deploy_now(self, msg: InboundMsg) -> bytes:
+        """Check and launch; the reply to send."""
         reservation: Reservation | None = None
         try:
             reservation = self._reserve()
@@ -283,7 +290,7 @@ class WorkloadManager(Actor[WorkloadMsg]):
         finally:
             if reservation is not None:
                 reservation.release()
-        await self._respond(msg, reply)
+        return reply
 
     def _reserve(self) -> Reservation:
         """A workload slot for a deploy, claimed before its first await (raises :class:`Refused`)."""
