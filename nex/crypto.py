@@ -279,6 +279,10 @@ def decode_generic_jwt(token: str, *, now: float | None = None) -> GenericClaims
         signature = _unb64url(parts[2])
     except (ValueError, msgspec.DecodeError) as exc:
         raise JwtError(f"cannot decode the JWT: {exc}") from None
+    except RecursionError:  # msgspec recurses per level: header and nats are dict[str, Any]
+        raise JwtError("cannot decode the JWT: JSON is nested too deeply") from None
+    if not isinstance(header.get("typ"), str) or header["typ"].upper() != JWT_HEADER["typ"]:
+        raise JwtError(f"unsupported JWT type {header.get('typ')!r} (expected {JWT_HEADER['typ']})")
     if header.get("alg") != JWT_HEADER["alg"]:
         raise JwtError(f"unsupported JWT algorithm {header.get('alg')!r} (expected {JWT_HEADER['alg']})")
     prefix = {"A": PREFIX_ACCOUNT, "U": PREFIX_USER, "N": PREFIX_SERVER}.get(claims.iss[:1])

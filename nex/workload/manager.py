@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
+import nats.errors
 import trio
 
 from actors import (
@@ -310,13 +311,10 @@ class WorkloadManager(Actor[WorkloadMsg]):
         namespace = subjects.namespace_of(msg.subject)
         if namespace is None:
             raise Refused("Invalid subject for workload deployment")
-        try:
-            request = msgspec.json.decode(msg.data, type=control.DeployRequest)
-        except msgspec.DecodeError as exc:
-            raise Refused(f"Unable to deserialize deploy request: {exc}") from None
+        request = checks.decode(msg.data, control.DeployRequest, "deploy")
         kind = (request.type or "native").lower()
         if kind not in NATIVE_TYPES or not set(NATIVE_TYPES) & set(config.workload_types):
-            raise Refused(f"Unsupported workload type on this node: {kind}")
+            raise Refused(f"Unsupported workload type on this node: {checks.shown(kind)}")
         environment, sender = checks.open_environment(self.state.identity.xkey, request)
         checks.check_argv(list(request.argv))
         if config.requester_public_keys and sender not in config.requester_public_keys:
@@ -325,10 +323,7 @@ class WorkloadManager(Actor[WorkloadMsg]):
         issuer = claims.iss
         if config.valid_issuers and issuer not in config.valid_issuers:
             raise Refused(f"invalid workload issuer: {issuer}")
-        try:
-            location = Location.parse(request.location_url())
-        except ArtifactError as exc:
-            raise Refused(f"Invalid deploy request: {exc}") from None
+        location = checks.artifact_location(request)
         artifact, digest = await self._artifact(location, request.jsdomain, claims.text("hash"), reservation)
         return WorkloadSpec(
             name=checks.workload_name(claims),
@@ -454,15 +449,12 @@ class WorkloadManager(Actor[WorkloadMsg]):
         namespace = subjects.namespace_of(msg.subject)
         if namespace is None:
             raise Refused("Invalid subject for workload stop")
-        try:
-            request = msgspec.json.decode(msg.data, type=control.StopRequest)
-        except msgspec.DecodeError as exc:
-            raise Refused(f"Unable to deserialize stop request: {exc}") from None
+        request = checks.decode(msg.data, control.StopRequest, "stop")
         workload = self.workloads.get(request.workload_id)
         if workload is None or workload.spec.namespace.lower() != namespace.lower():
-            raise Refused(f"No such workload {request.workload_id!r} in namespace {namespace}")
+            raise Refused(f"No such workload {checks.shown(request.workload_id)} in namespace {namespace}")
         if workload.stopping:
-            raise Refused(f"Workload {request.workload_id} is already stopping")
+            raise Refused(f"Workload {checks.shown(request.workload_id)} is already stopping")
         try:
             claims = crypto.decode_generic_jwt(request.workload_jwt)
         except crypto.JwtError as exc:
@@ -596,7 +588,7 @@ class WorkloadManager(Actor[WorkloadMsg]):
     async def _respond(self, msg: InboundMsg, reply: bytes) -> None:
         try:
             await self.control.respond(msg, reply)
-        except LinkError as exc:
+        except (LinkError, nats.errors.Error) as exc:  # not connected, or a reply nats-py refuses (MaxPayloadError)
             log.warning("Could not send a reply", subject=msg.subject, error=str(exc))
 
 

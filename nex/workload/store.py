@@ -24,6 +24,7 @@ from nats.aio.client import Client
 from nats.nuid import NUID
 
 from .artifact import ArtifactError, Location
+from .checks import shown
 
 STREAM_NOT_FOUND = 10059  # JetStream's error code (else: no such message)
 READ_TIMEOUT = 10.0  # between two chunks of an artifact being read
@@ -45,20 +46,22 @@ async def describe(nc: Client, location: Location, jsdomain: str | None) -> Stor
     """Look the artifact up (one request): its size, its chunks and the digest its writer recorded."""
     js = nc.jetstream(domain=jsdomain or None)
     stream = f"OBJ_{location.bucket}"
+    key = shown(location.key)
     try:
         msg = await js.get_last_msg(stream, meta_subject(location.bucket, location.key))
     except nats.js.errors.NotFoundError as exc:
         if exc.err_code == STREAM_NOT_FOUND:
             raise ArtifactError(f"no object store {location.bucket}") from None
-        raise ArtifactError(f"no object {location.key!r} in the object store {location.bucket}") from None
+        raise ArtifactError(f"no object {key} in the object store {location.bucket}") from None
+    except nats.js.errors.ServiceUnavailableError:  # no responders: no JetStream (in that domain)
+        where = f"in the JetStream domain {shown(jsdomain)} (jsdomain)" if jsdomain else "on the control NATS server"
+        raise ArtifactError(f"no JetStream answered {where}") from None
     try:
         info = json.loads(msg.data or b"{}")
     except ValueError:
-        raise ArtifactError(
-            f"the object store {location.bucket} holds unreadable metadata for {location.key!r}"
-        ) from None
+        raise ArtifactError(f"the object store {location.bucket} holds unreadable metadata for {key}") from None
     if info.get("deleted") or not info.get("nuid"):
-        raise ArtifactError(f"no object {location.key!r} in the object store {location.bucket} (deleted)")
+        raise ArtifactError(f"no object {key} in the object store {location.bucket} (deleted)")
     algorithm, _, encoded = str(info.get("digest") or "").partition("=")
     digest = ""
     if algorithm.upper() == "SHA-256" and encoded:
