@@ -14,12 +14,18 @@ in the server's config. The first stock is in the config the server starts with,
 of the pool needs no reload at all; :meth:`AgentCredentials.take` hands one out at once and the
 stock is topped up in the background, many per reload. Revocations are applied lazily by the same
 reloads. Only when the stock is empty does a machine wait for a reload of its own.
+
+Reloads are paced: at most one per :data:`RELOAD_INTERVAL` unless a machine waits for a credential.
+Each reload makes nats-server re-check every connection, and under a deploy storm (a machine ends
+and one starts per deploy) back-to-back reloads made the server refuse agents that were just then
+connecting. A revoked user lives on for at most that interval; its machine is gone already.
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import math
 
 import trio
 
@@ -31,6 +37,8 @@ from nex.ids import new_vmid
 from .server import NatsServer
 
 log = logs.get("nex.bus")
+
+RELOAD_INTERVAL = 0.25  # seconds between two reloads nobody waits for
 
 
 class AgentCredentials:
@@ -51,6 +59,7 @@ class AgentCredentials:
         self._changes = 0
         self._applied = 0
         self._dirty = trio.Event()
+        self._urgent = trio.Event()  # a take() waits for the next reload
         self._reloaded = trio.Event()
         self.reloads = 0
         for _ in range(self.target):  # in the config the server starts with: ready from the start
@@ -86,7 +95,9 @@ class AgentCredentials:
         """A machine id and the seed of the user the server accepts for it."""
         if not self._ready:
             self._coming.append(self._new())
-            await self._wait_applied(self._mark_changed())
+            change = self._mark_changed()
+            self._urgent.set()
+            await self._wait_applied(change)
         vmid, seed = self._ready.popleft()
         if len(self._ready) + len(self._coming) < self.target:
             for _ in range(self.target - len(self._ready) - len(self._coming)):
@@ -107,9 +118,14 @@ class AgentCredentials:
     async def run(self, *, task_status: trio.TaskStatus[AgentCredentials] = trio.TASK_STATUS_IGNORED) -> None:
         """Apply changes as they come, each reload covering every change made before it started."""
         task_status.started(self)
+        last = -math.inf
         while True:
             await self._dirty.wait()
+            with trio.move_on_at(last + RELOAD_INTERVAL):  # gather more changes, unless someone waits
+                await self._urgent.wait()
+            last = trio.current_time()
             self._dirty = trio.Event()
+            self._urgent = trio.Event()
             covering = self._changes
             covered = len(self._coming)  # stays in _coming (spare, not given out) until applied
             if self._server is not None:

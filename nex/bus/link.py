@@ -248,7 +248,10 @@ class NatsLink:
         finally:
             self.state = "closing"
             with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
-                await self.aio.run(self._close, conn, grace=1.0)
+                try:
+                    await self.aio.run(self._close, conn, grace=1.0)
+                except Exception as exc:  # must not hide why the link ends; the client is gone either way
+                    log.debug("Closing the NATS connection failed", link=self.name, error=repr(exc))
             self.state = "failed" if self._lost.is_set() else "closed"
             self._nc = None
 

@@ -113,6 +113,8 @@ class NatsServer:
         self.pid: int | None = None
         self.starts = 0
         self._ready = False
+        self._up = trio.Event()  # this run's server is ready
+        self._gone = trio.Event()  # this run's server has exited
         self._tail: collections.deque[str] = collections.deque(maxlen=20)
 
     @property
@@ -147,6 +149,11 @@ class NatsServer:
     async def reload(self, timeout: float = 10.0) -> None:
         """Rewrite the config and have the running server apply it; return once it has.
 
+        A server still starting is signalled only once it is ready (a SIGHUP in its first moments
+        kills nats-server), and a server that exits meanwhile needs no reload: its next start reads
+        the new file. So a reload racing a restart neither kills the new server nor waits for an
+        answer no process will give.
+
         Raises:
             ServerFailed: the server did not confirm within ``timeout`` (a config it rejected).
         """
@@ -154,11 +161,16 @@ class NatsServer:
         child = self._child
         if child is None or child.returncode is not None:
             return  # not running: the next start reads the new file
-        done = self._reloaded
-        child.signal(signal.SIGHUP)
+        up, gone = self._up, self._gone
         with trio.move_on_after(timeout):
-            await done.wait()
-            self.reloads += 1
+            await _first_of(up, gone)
+            if gone.is_set():
+                return
+            done = self._reloaded
+            child.signal(signal.SIGHUP)
+            await _first_of(done, gone)
+            if done.is_set():
+                self.reloads += 1
             return
         raise ServerFailed(f"nats-server ({self.name}) did not apply its new config: {self._last_error()}")
 
@@ -170,6 +182,7 @@ class NatsServer:
         self.config_path.write_text(self.render_config())
         self._tail.clear()
         self._ready = False
+        self._up, self._gone = trio.Event(), trio.Event()
         child = proc.spawn([str(nats_server_binary()), "-c", str(self.config_path)], stderr=subprocess.PIPE)
         self._child = child
         self.pid = child.pid
@@ -208,6 +221,7 @@ class NatsServer:
         finally:
             with trio.CancelScope(shield=True):
                 await child.stop(grace=5.0)
+            self._gone.set()
             self._child = None
             self.pid = None
             if graceful:
@@ -227,6 +241,7 @@ class NatsServer:
                     log.debug("nats-server", server=self.name, line=line)
                     if READY_LINE in raw:
                         self._ready = True
+                        self._up.set()
                         settled.set()
                     elif RELOADED_LINE in raw:
                         self._reloaded.set()
@@ -240,6 +255,18 @@ class NatsServer:
 
     def describe(self) -> ServerInfo:
         return ServerInfo(name=self.name, url=self.url, pid=self.pid or 0, starts=self.starts)
+
+
+async def _first_of(*events: trio.Event) -> None:
+    """Until one of ``events`` is set."""
+    async with trio.open_nursery() as nursery:
+
+        async def wait(event: trio.Event) -> None:
+            await event.wait()
+            nursery.cancel_scope.cancel()
+
+        for event in events:
+            nursery.start_soon(wait, event)
 
 
 class ServerInfo(msgspec.Struct):

@@ -14,6 +14,7 @@ pool makes new ones.
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -39,6 +40,7 @@ log = logs.get("nex.vm")
 _encoder = msgspec.json.Encoder()
 UNDEPLOY_SLACK = 5.0  # beyond the workload's grace, for the agent to kill it and answer
 ANSWER_GRACE = 1.0  # for a deploy's answer sent just before the agent exited
+STORE_DROP_TIMEOUT = 1.0
 PING_MISSES = 3  # unanswered pings in a row before the agent counts as lost
 
 
@@ -222,9 +224,7 @@ class Machine(Actor[MachineMsg]):
     async def _create_store(self, link: NatsLink, made: trio.Event) -> None:
         """The machine's own artifact store, which its agent watches once the machine is ready."""
         vmid = self.vmid
-        self.cleanup.push(
-            f"artifact store of {vmid}", lambda: link.call(lambda nc: staging.unstage(nc, vmid)), durable=False
-        )
+        self.cleanup.push(f"artifact store of {vmid}", functools.partial(_drop_store, link, vmid), durable=False)
         await link.call(lambda nc: staging.create(nc, vmid))
         self.store = True
         made.set()
@@ -366,6 +366,14 @@ def _forget(book: HandshakeBook, vmid: str) -> Callable[[], Awaitable[None]]:
         book.forget(vmid)
 
     return forget
+
+
+async def _drop_store(link: NatsLink, vmid: str) -> None:
+    """Delete the machine's artifact store, briefly: it lives in the internal server's memory, so a
+    server that is down (or restarted) has lost it already, and a machine's teardown must not wait
+    for that server to come back."""
+    with trio.move_on_after(STORE_DROP_TIMEOUT), contextlib.suppress(LinkError):
+        await link.call(lambda nc: staging.unstage(nc, vmid))
 
 
 def _tail(folder: MachineDir, lines: int = 5) -> str:
