@@ -280,6 +280,13 @@ def validate(config: NodeConfig) -> list[str]:
             subnet = None
     except ValueError as exc:
         problems.append(f"cni.subnet must be an IPv4 network such as 192.168.127.0/24 ({exc}) at $.cni.subnet")
+    if subnet is not None and config.machine_pool_size > subnet.num_addresses - 3:
+        room = subnet.num_addresses - 3  # network, broadcast and the gateway are not for machines
+        problems.append(
+            f"machine_pool_size {config.machine_pool_size} does not fit the CNI subnet {subnet}, which has "
+            f"addresses for {room} machines (running workloads need theirs too): use a larger cni.subnet "
+            "or a smaller pool at $.machine_pool_size"
+        )
     if config.internal_node_host is not None:
         try:
             host = ipaddress.IPv4Address(config.internal_node_host)

@@ -117,6 +117,11 @@ def test_keys_nex_knows_but_this_node_does_not_apply_are_flagged(tmp_path: Path)
         ),
         ({"internal_node_host": "nope"}, "internal_node_host must be an IPv4 address at $.internal_node_host"),
         (
+            {"machine_pool_size": 14, "cni": {"subnet": "10.0.0.0/28"}},
+            "machine_pool_size 14 does not fit the CNI subnet 10.0.0.0/28, which has addresses for 13 machines "
+            "(running workloads need theirs too): use a larger cni.subnet or a smaller pool at $.machine_pool_size",
+        ),
+        (
             {"requester_public_keys": ["ABC"]},
             "requester_public_keys entries must be curve public keys (X…) at $.requester_public_keys[0]",
         ),
