@@ -57,5 +57,7 @@ class DynamicSupervisor(SupervisorBase):
         child = next((c for c in self._children if c.spec.id == child_id), None)
         if child is None:
             raise UnknownChild(f"supervisor {self.name!r} has no child {child_id!r}")
-        await self._terminate([child], final=True)
-        self._forget(child)
+        try:
+            await self._terminate([child], final=True)
+        finally:
+            self._forget(child)  # also when the caller is cancelled: the child is on its way out

@@ -166,22 +166,26 @@ class SupervisorBase:
         exits_in, exits = trio.open_memory_channel[_Exit](math.inf)
         self._exits_in = exits_in
         failure: ActorError | None = None
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            try:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 try:
-                    await self._start_initial()
-                    self._state = ChildState.RUNNING
-                    task_status.started(self)
-                    async for exit_ in exits:
-                        await self._on_exit(exit_, restarts)
-                except ActorError as exc:  # our own decision to give up: raised once all is stopped
-                    failure = exc
-            finally:
-                self._state = ChildState.STOPPING
-                with trio.CancelScope(shield=True):
-                    await self._shutdown_children()
-                self._state = ChildState.FAILED if failure else ChildState.STOPPED
+                    try:
+                        await self._start_initial()
+                        self._state = ChildState.RUNNING
+                        task_status.started(self)
+                        async for exit_ in exits:
+                            await self._on_exit(exit_, restarts)
+                    except ActorError as exc:  # our own decision to give up: raised once all is stopped
+                        failure = exc
+                finally:
+                    self._state = ChildState.STOPPING
+                    with trio.CancelScope(shield=True):
+                        await self._shutdown_children()
+                    self._state = ChildState.FAILED if failure else ChildState.STOPPED
+        finally:
+            for child in self._children:  # every run has ended now, late ones included
+                _close_mailbox(child)
         if failure is not None:
             raise failure
 

@@ -119,6 +119,9 @@ class AgentCredentials:
         """Apply changes as they come, each reload covering every change made before it started."""
         task_status.started(self)
         last = -math.inf
+        if self._applied < self._changes:  # a previous run failed while applying these
+            self._dirty.set()
+            self._urgent.set()
         while True:
             await self._dirty.wait()
             with trio.move_on_at(last + RELOAD_INTERVAL):  # gather more changes, unless someone waits

@@ -146,7 +146,7 @@ class NatsServer:
             lines.append(extra)
         return "\n".join(lines) + "\n"
 
-    async def reload(self, timeout: float = 10.0) -> None:
+    async def reload(self, timeout: float = 20.0) -> None:
         """Rewrite the config and have the running server apply it; return once it has.
 
         A server still starting is signalled only once it is ready (a SIGHUP in its first moments

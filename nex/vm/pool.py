@@ -182,6 +182,8 @@ class Pool(Actor[PoolMsg]):
         self.node.on_lameduck.append(self._notify)
         self.cleanup.push("lame-duck callback", self._unhook, durable=False)
         self.nursery.start_soon(self._keep_full)
+        if self.book.handshakes > 0 or self.node.lameduck:
+            self._filled.set()  # a restart: the node is ready already, and the book may be full
         await self._filled.wait()
         if self._fatal is not None:
             raise self._fatal

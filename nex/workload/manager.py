@@ -53,6 +53,7 @@ from actors import (
     MailboxFull,
     Message,
     Overflow,
+    Reply,
     actor_spec,
 )
 from nex import crypto, logs, sysinfo
@@ -89,10 +90,6 @@ class MachineEnded(Message):
     reason: str
 
 
-class RestartDue(Message):
-    spec: WorkloadSpec
-
-
 class WorkloadSpec(msgspec.Struct):
     """A checked workload, ready to run (kept to run it again if it is essential)."""
 
@@ -111,7 +108,7 @@ class WorkloadSpec(msgspec.Struct):
     restarts: int = 0
 
 
-WorkloadMsg = InboundMsg | MachineEnded | RestartDue
+WorkloadMsg = InboundMsg | MachineEnded
 
 
 @dataclass(eq=False)
@@ -122,6 +119,7 @@ class Workload:
     ip: str = ""
     started: float = field(default_factory=time.monotonic)
     stopping: bool = False
+    deploying: bool = True  # its deploy is in flight (counted by the deploy's reservation meanwhile)
     finished: bool = False
     exit_code: int | None = None
     exit_message: str = ""
@@ -162,8 +160,12 @@ class WorkloadBook:
     restarts_due: dict[int, tuple[float, WorkloadSpec]] = field(default_factory=dict)  # token: (when, spec)
     next_token: int = 0
 
+    def running(self) -> int:
+        """Workloads whose deploy is done (those in flight hold a reservation instead)."""
+        return sum(1 for w in self.workloads.values() if not w.deploying)
+
     def running_bytes(self) -> int:
-        return sum(len(w.spec.artifact) for w in self.workloads.values())
+        return sum(len(w.spec.artifact) for w in self.workloads.values() if not w.deploying)
 
     def summaries(self, namespace: str, sandbox: str) -> list[control.MachineSummary]:
         """``machines`` of ``$NEX.INFO.{ns}.{node}``: this namespace's workloads."""
@@ -219,7 +221,7 @@ class WorkloadManager(Actor[WorkloadMsg]):
 
     async def on_start(self) -> None:
         for token, (when, spec) in list(self.book.restarts_due.items()):  # a previous run's, cut short
-            self.nursery.start_soon(self._after, token, when, RestartDue(spec=spec))
+            self.nursery.start_soon(self._after, token, when, spec)
         wanted = [(self.control, s) for s in subjects.workload_subscriptions(self.state.node_id)]
         # One subscription for an agent's logs and events: nats-py dispatches each subscription on its
         # own, so with two the workload_stopped report could overtake the workload's last lines.
@@ -244,8 +246,6 @@ class WorkloadManager(Actor[WorkloadMsg]):
                 workload = self.workloads.get(vmid)
                 if workload is not None and not workload.finished:
                     self.nursery.start_soon(self._machine_ended, workload, reason)
-            case RestartDue(spec=spec):
-                self.nursery.start_soon(self._restart, spec)
 
     # -- deploy ----------------------------------------------------------------------------------
 
@@ -298,7 +298,7 @@ class WorkloadManager(Actor[WorkloadMsg]):
         if self.state.lameduck:
             raise Refused("Node is in lame duck mode. Workload deploy request rejected")
         limit = self.state.config.node_limits.max_workloads
-        if limit and len(self.workloads) + self.book.reserved_slots >= limit:
+        if limit and self.book.running() + self.book.reserved_slots >= limit:
             raise Refused("Node is at maximum workload limit. Deploy request denied")
         return Reservation(self.book)
 
@@ -408,17 +408,22 @@ class WorkloadManager(Actor[WorkloadMsg]):
             description=spec.description,
             essential=spec.essential,
         )
+        done = False
         try:
             await taken.ref.ask(
                 lambda reply: Deploy(request=request, artifact=spec.artifact, reply=reply), timeout=DEPLOY_TIMEOUT
             )
+            done = True
         except (MachineFailed, ActorCrashed, ActorStopped) as exc:
-            self.workloads.pop(taken.vmid, None)
             raise _MachineTrouble(f"machine {taken.vmid} failed: {exc}") from None
         except (WorkloadRejected, ActorError) as exc:
-            self.workloads.pop(taken.vmid, None)
             raise Refused(f"Failed to deploy workload: workload rejected by agent: {exc}") from None
         finally:
+            if done:
+                workload.deploying = False
+            else:  # failed, timed out or cancelled: nobody will account for what the machine runs
+                self.workloads.pop(taken.vmid, None)
+                _give_up(taken.ref)
             with contextlib.suppress(ActorStopped, MailboxFull):
                 self.pool.send_nowait(Settled(vmid=taken.vmid))  # the pool may refill now
         self.state.workloads_changed()
@@ -558,11 +563,13 @@ class WorkloadManager(Actor[WorkloadMsg]):
         token, self.book.next_token = self.book.next_token, self.book.next_token + 1
         when = trio.current_time() + delay
         self.book.restarts_due[token] = (when, again)
-        self.nursery.start_soon(self._after, token, when, RestartDue(spec=again))
+        self.nursery.start_soon(self._after, token, when, again)
 
-    async def _after(self, token: int, when: float, message: RestartDue) -> None:
+    async def _after(self, token: int, when: float, spec: WorkloadSpec) -> None:
+        """Restart ``spec`` at ``when``; in the actor's nursery, not through its mailbox, which may be
+        full of agents' reports. Its record in the book goes once the restart has been made."""
         await trio.sleep_until(when)
-        await self.ref.send(message)
+        await self._restart(spec)
         self.book.restarts_due.pop(token, None)
 
     async def _restart(self, spec: WorkloadSpec) -> None:
@@ -590,6 +597,12 @@ class WorkloadManager(Actor[WorkloadMsg]):
             await self.control.respond(msg, reply)
         except (LinkError, nats.errors.Error) as exc:  # not connected, or a reply nats-py refuses (MaxPayloadError)
             log.warning("Could not send a reply", subject=msg.subject, error=str(exc))
+
+
+def _give_up(machine: ActorRef[MachineMsg]) -> None:
+    """End a machine whose deploy the manager gave up on (a machine is never reused)."""
+    with contextlib.suppress(ActorStopped, MailboxFull):  # gone already, or busy ending
+        machine.send_nowait(Undeploy(grace=0, reply=Reply()))
 
 
 class _MachineTrouble(Exception):

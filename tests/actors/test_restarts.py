@@ -14,6 +14,7 @@ from actors import (
     Actor,
     ActorRef,
     ChildSpec,
+    DynamicSupervisor,
     Mailbox,
     Message,
     Overflow,
@@ -196,3 +197,35 @@ async def test_refs_reach_the_fresh_instance_after_the_subtree_restarts(autojump
             await trio.testing.wait_all_tasks_blocked()  # what was queued behind it died with it
             assert await ref.ask(lambda r: Bump(reply=r), timeout=1) == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_the_mailbox_of_a_child_that_overran_is_closed_once_it_ends(autojump_clock: MockClock) -> None:
+    h = Harness()
+    h.stop_takes["slow"] = 100  # ignores its 1 s deadline
+    box = Mailbox[Bump | Hold](8, name="slow")
+    sup = Supervisor("s", [with_mailbox(h.spec("slow", shutdown=1), box)])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        nursery.cancel_scope.cancel()
+    assert sup.overruns == ["slow"]
+    assert not box.ref.alive  # nobody reads it any more: senders must hear so
+
+
+async def test_a_cancelled_terminate_child_still_forgets_the_child(autojump_clock: MockClock) -> None:
+    h = Harness()
+    h.stop_takes["vm1"] = 2
+    sup = DynamicSupervisor("machines")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        await sup.start_child(h.spec("vm1", restart=Restart.TEMPORARY, shutdown=10))
+        with trio.move_on_after(1):  # whoever asked gave up (cancelled) before the child ended
+            await sup.terminate_child("vm1")
+        await h.wait_for(lambda: h.count("stop", "vm1") == 1)
+        assert sup.which_children() == []
+        assert len(sup) == 0
+        nursery.cancel_scope.cancel()
+
+
+def with_mailbox(spec: ChildSpec, mailbox: Mailbox[Bump | Hold]) -> ChildSpec:
+    """``spec`` with a mailbox for the supervisor to close (the harness's children have none)."""
+    return ChildSpec(id=spec.id, start=spec.start, restart=spec.restart, shutdown=spec.shutdown, mailbox=mailbox)
