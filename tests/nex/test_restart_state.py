@@ -80,3 +80,32 @@ async def test_a_credential_waited_for_survives_a_failed_reload(autojump_clock: 
             vmid, _ = await credentials.take()
         assert vmid in credentials.agents()
         nursery.cancel_scope.cancel()
+
+
+class NoCredentialsYet:
+    """The pool starts no machine of its own: the test hands it one."""
+
+    async def take(self) -> tuple[str, str]:
+        await trio.sleep_forever()
+        raise AssertionError
+
+
+async def test_a_machine_ready_after_its_taker_gave_up_stays_in_the_pool(autojump_clock: MockClock) -> None:
+    book = pool.PoolBook(handshakes=1)
+    deps: Any = types.SimpleNamespace(credentials=NoCredentialsYet(), agent_host="h", agent_port=1)
+    box = pool.mailbox()
+    spec = pool.Pool.spec(
+        lambda: pool.Pool(NotInLameDuck(), DynamicSupervisor("machines"), deps, size=1, book=book), box
+    )
+    sup = Supervisor("node", [spec])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        with pytest.raises(trio.TooSlowError):  # no machine yet: the taker gives up
+            await box.ref.ask(lambda reply: pool.Take(reply=reply), timeout=1)
+        member = pool._Member("vm1", book.generation)  # then a machine becomes ready
+        member.state, member.ref = "ready", object()  # type: ignore[assignment]
+        book.members["vm1"] = member
+        with trio.fail_after(5):
+            taken = await box.ref.ask(lambda reply: pool.Take(reply=reply))  # served by the next Take
+        assert taken.vmid == "vm1"
+        nursery.cancel_scope.cancel()
