@@ -136,9 +136,13 @@ async def start(meta: api.MachineMetadata, stopped: asyncio.Event) -> Client | N
     async def quiet(_: Exception) -> None:
         return None
 
+    client: list[Client] = []  # the connection, once made: why it closed is in its last error
+
     async def closed() -> None:
         if not stopped.is_set():
-            log("lost the node (its NATS server is gone); exiting")
+            error = client[0].last_error if client else None
+            why = f"its NATS server closed the connection: {error!r}" if error else "its NATS server is gone"
+            log(f"lost the node ({why}); exiting")
             stopped.set()
 
     options: dict[str, object] = {}
@@ -161,6 +165,7 @@ async def start(meta: api.MachineMetadata, stopped: asyncio.Event) -> Client | N
     except Exception as exc:
         log(f"cannot connect to the node at {url}: {exc!r}")
         return None
+    client.append(nc)
     # Connected: reconnects from now on are patient. nats-py reads these two per attempt.
     nc.options["max_reconnect_attempts"] = RECONNECT_ATTEMPTS
     nc.options["reconnect_time_wait"] = RECONNECT_WAIT

@@ -222,6 +222,9 @@ class WorkloadManager(Actor[WorkloadMsg]):
     async def on_start(self) -> None:
         for token, (when, spec) in list(self.book.restarts_due.items()):  # a previous run's, cut short
             self.nursery.start_soon(self._after, token, when, spec)
+        for workload in list(self.workloads.values()):  # machines that ended while no manager listened
+            if not workload.ref.alive and not workload.finished:
+                self.nursery.start_soon(self._machine_ended, workload, "its machine ended")
         wanted = [(self.control, s) for s in subjects.workload_subscriptions(self.state.node_id)]
         # One subscription for an agent's logs and events: nats-py dispatches each subscription on its
         # own, so with two the workload_stopped report could overtake the workload's last lines.

@@ -13,7 +13,7 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from actors import DynamicSupervisor, Supervisor
+from actors import DynamicSupervisor, Mailbox, Supervisor
 from nex.bus.credentials import AgentCredentials
 from nex.bus.server import ServerFailed
 from nex.vm import pool
@@ -109,3 +109,48 @@ async def test_a_machine_ready_after_its_taker_gave_up_stays_in_the_pool(autojum
             taken = await box.ref.ask(lambda reply: pool.Take(reply=reply))  # served by the next Take
         assert taken.vmid == "vm1"
         nursery.cancel_scope.cancel()
+
+
+class QuietLink:
+    async def subscribe(self, subject: str, ref: object) -> str:
+        return subject
+
+    async def unsubscribe(self, sub: str) -> None:
+        return None
+
+
+class Events:
+    def __init__(self) -> None:
+        self.emitted: list[tuple[str, Any]] = []
+
+    def emit(self, event_type: str, data: Any, *, namespace: str) -> None:
+        self.emitted.append((event_type, data))
+
+
+async def test_a_fresh_manager_finishes_a_workload_whose_machine_ended_meanwhile(autojump_clock: MockClock) -> None:
+    gone = Mailbox[Any](1, name="vm-gone")
+    gone.close()  # its machine ended while no manager listened
+    spec = manager.WorkloadSpec(
+        name="w", namespace="default", issuer="A", subject="s", jti="j", iat=0, hash="h", artifact=b"",
+        environment={}, argv=[], description="", essential=False,
+    )  # fmt: skip
+    book = manager.WorkloadBook(cache=None)  # type: ignore[arg-type]
+    book.workloads["vm-gone"] = manager.Workload(spec=spec, vmid="vm-gone", ref=gone.ref, deploying=False)
+    finished = trio.Event()  # the manager says its workloads changed
+    state: Any = types.SimpleNamespace(
+        node_id="N", lameduck=False, workloads_changed=finished.set, config=types.SimpleNamespace()
+    )
+    events = Events()
+    link: Any = QuietLink()
+    spec_ = manager.WorkloadManager.spec(
+        lambda: manager.WorkloadManager(state, link, link, events, pool.mailbox().ref, book),  # type: ignore[arg-type]
+        manager.mailbox(),
+    )
+    sup = Supervisor("node", [spec_])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        with trio.fail_after(5):  # virtual time: the manager's report grace runs out first
+            await finished.wait()
+        assert "vm-gone" not in book.workloads
+        nursery.cancel_scope.cancel()
+    assert [(kind, data.id, data.code) for kind, data in events.emitted] == [("workload_stopped", "vm-gone", -1)]
