@@ -41,6 +41,7 @@ from nex.workload import request as workload_request
 T = TypeVar("T")
 
 DEFAULT_SERVER = "nats://127.0.0.1:4222"
+FOLLOW_RECONNECT_WAIT = 0.5  # seconds between a follower's reconnect attempts
 DISCOVERY_WINDOW = 0.75  # how long to collect ping answers when picking a node
 REASK = 0.25  # between pings while waiting for an expected number of nodes
 UPLOAD_BUCKET = "NEXCLIFILES"  # nex devrun's bucket
@@ -134,6 +135,7 @@ class NexClient:
         self.timeout = timeout
         self.namespace = namespace
         self._watchers: set[asyncio.Queue[Msg | None]] = set()  # told when the connection closes
+        self._notices: list[Callable[[str], None]] = []  # followers' (see watch)
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -152,6 +154,16 @@ class NexClient:
             for queue in watchers:  # a follower must not wait forever on a connection that is gone
                 queue.put_nowait(None)
 
+        notices: list[Callable[[str], None]] = []  # a follower's, told of disconnections
+
+        async def disconnected() -> None:
+            for notice in notices:
+                notice(f"lost the connection to NATS at {url}; reconnecting")
+
+        async def reconnected() -> None:
+            for notice in notices:
+                notice(f"reconnected to NATS at {url}")
+
         try:
             # One retry, quickly: nats-py's defaults would retry a first connection 60 times, 2 s apart.
             nc = await nats.connect(
@@ -162,6 +174,8 @@ class NexClient:
                 connect_timeout=min(timeout, 5.0),
                 error_cb=remember,
                 closed_cb=closed,
+                disconnected_cb=disconnected,
+                reconnected_cb=reconnected,
             )
         except Exception as exc:
             hint = "" if server else " (no node running? start one with `nex up`, or set --server / NATS_URL)"
@@ -169,6 +183,7 @@ class NexClient:
             raise NexError(f"cannot connect to NATS at {url}: {cause}{hint}") from None
         client = cls(nc, timeout=timeout, namespace=namespace, url=url)
         client._watchers = watchers
+        client._notices = notices
         try:
             yield client
         finally:
@@ -290,12 +305,23 @@ class NexClient:
                 await asyncio.sleep(1 - time.time() % 1 + 0.01)
         raise AssertionError("unreachable")
 
-    async def watch(self, subject_list: list[str], duration: float | None) -> AsyncIterator[Msg]:
+    async def watch(
+        self, subject_list: list[str], duration: float | None, *, notice: Callable[[str], None] | None = None
+    ) -> AsyncIterator[Msg]:
         """Messages on these subjects as they come, for ``duration`` seconds (None: until cancelled).
 
+        With no ``duration`` (a follower) the connection is patient: it reconnects for as long as it
+        takes (a restarted server, a node that brought its own server back), telling ``notice``.
+
         Raises:
-            NexError: the connection was lost (after nats-py's one quick reconnect attempt).
+            NexError: the connection was lost (after nats-py's one quick reconnect attempt, when
+                ``duration`` is given).
         """
+        if duration is None:
+            self.nc.options["max_reconnect_attempts"] = -1  # nats-py reads these at each attempt
+            self.nc.options["reconnect_time_wait"] = FOLLOW_RECONNECT_WAIT
+            if notice is not None:
+                self._notices.append(notice)
         queue: asyncio.Queue[Msg | None] = asyncio.Queue()
 
         async def put(msg: Msg) -> None:

@@ -550,7 +550,7 @@ def _stream(
 
         async def body(client: NexClient) -> None:
             nonlocal shown
-            async for msg in client.watch(patterns, duration):
+            async for msg in client.watch(patterns, duration, notice=_notice):
                 line = show(msg) if keep(msg) else None
                 if line is not None:
                     print(line, flush=True)
@@ -565,6 +565,11 @@ def _stream(
         return 0
 
     return _guard(run_)
+
+
+def _notice(text: str) -> None:
+    """A follower's word about its connection, on stderr (stdout carries only what it follows)."""
+    render.console(stderr=True).print(f"nex: {text}", markup=False, highlight=False)
 
 
 def _pairs(flag: str, items: list[str]) -> dict[str, str]:
