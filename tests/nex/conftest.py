@@ -46,6 +46,14 @@ def open_nats_server(home: Path) -> Iterator[NatsServerProc]:
 
 
 @pytest.fixture
+def obus(open_nats_server: NatsServerProc) -> Iterator[Bus]:
+    """A client of the open control server."""
+    client = Bus(open_nats_server.url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
 def bystander() -> Iterator[int]:
     """A harmless host process of the test's own, whose pid and memory a hostile workload goes for."""
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])

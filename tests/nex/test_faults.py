@@ -13,7 +13,6 @@ import os
 import select
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,13 +25,6 @@ from .workloads import Binaries, Requester, started
 pytestmark = pytest.mark.integration
 
 GATEWAY = "192.168.127.1"
-
-
-@pytest.fixture
-def obus(open_nats_server: NatsServerProc) -> Iterator[Bus]:
-    client = Bus(open_nats_server.url)
-    yield client
-    client.close()
 
 
 def needs_namespaces() -> None:

@@ -42,13 +42,6 @@ JAIL, UNJAILED = "jail", "no_sandbox"
 
 
 @pytest.fixture
-def obus(open_nats_server: NatsServerProc) -> Iterator[Bus]:
-    client = Bus(open_nats_server.url)
-    yield client
-    client.close()
-
-
-@pytest.fixture
 def forwarding() -> Iterator[None]:
     """IPv4 forwarding on, as on a host that routes for its machines: only the fence then keeps one
     machine from another (restored after the test)."""

@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -32,13 +31,6 @@ from .workloads import Binaries, Requester, started
 pytestmark = pytest.mark.integration
 
 GATEWAY = "192.168.127.1"  # the host side of every machine's link (the embedded default subnet)
-
-
-@pytest.fixture
-def obus(open_nats_server: NatsServerProc) -> Iterator[Bus]:
-    client = Bus(open_nats_server.url)
-    yield client
-    client.close()
 
 
 def needs_namespaces() -> None:
