@@ -31,9 +31,8 @@ from nex.bus import staging
 from nex.bus.credentials import AgentCredentials
 from nex.bus.link import LinkError, NatsLink, NotConnected
 
-from .drivers.base import Driver, MachineContext
+from .drivers.base import Driver, MachineContext, MachineHandle
 from .handshake import HandshakeBook
-from .launcher import AgentProcess
 from .state import MachineDir
 
 log = logs.get("nex.vm")
@@ -41,6 +40,7 @@ _encoder = msgspec.json.Encoder()
 UNDEPLOY_SLACK = 5.0  # beyond the workload's grace, for the agent to kill it and answer
 ANSWER_GRACE = 1.0  # for a deploy's answer sent just before the agent exited
 STORE_DROP_TIMEOUT = 1.0
+MACHINE_STOP_GRACE = 2.0  # seconds a machine has to end on its driver's stop before it is killed
 PING_MISSES = 3  # unanswered pings in a row before the agent counts as lost
 
 
@@ -136,7 +136,7 @@ class Machine(Actor[MachineMsg]):
         self.journal = deps.journal
         self.state = "starting"
         self.since = time.time()
-        self.agent: AgentProcess | None = None
+        self.agent: MachineHandle | None = None
         self.context: MachineContext | None = None
         self.workload: agent_api.AgentDeployRequest | None = None
         self.store = False  # its artifact store exists
@@ -194,6 +194,12 @@ class Machine(Actor[MachineMsg]):
                 f"the agent of machine {vmid} was not even started within {deps.handshake_timeout * 1000:.0f} ms "
                 "(is the agent launcher stuck?)"
             )
+        handle = self.agent
+        self.cleanup.push(  # first in the teardown: the driver's own stop, then what it registered
+            f"stop of machine {vmid}",
+            lambda: deps.driver.stop(context, handle, MACHINE_STOP_GRACE),
+            durable=False,
+        )
         facts = deps.driver.describe(context)
         log.info(
             "Machine started",
@@ -344,7 +350,7 @@ class Machine(Actor[MachineMsg]):
                 raise AgentLost(reason) from None
             misses = 0
 
-    async def _watch_agent(self, agent: AgentProcess) -> None:
+    async def _watch_agent(self, agent: MachineHandle) -> None:
         code = await agent.wait()
         reason = f"the agent of machine {self.vmid} (pid {agent.pid}) exited with code {code}"
         if self.state == "deploying":

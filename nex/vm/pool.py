@@ -339,8 +339,8 @@ class Pool(Actor[PoolMsg]):
                 nonlocal started
                 started = True
                 machine = members.get(vmid)
-                if machine is not None and actor.context is not None and actor.context.network is not None:
-                    machine.ip = actor.context.network.address
+                if machine is not None and actor.context is not None:
+                    machine.ip = actor.context.address
                 task_status.started(value)
 
             def lost(reason: str) -> None:

@@ -64,6 +64,7 @@ class StandInDriver:
     def __init__(self, book: HandshakeBook) -> None:
         self.book = book
         self.agent = StandInAgent()
+        self.stops: list[str] = []  # machines the machine actor asked its driver to stop
 
     async def prepare(self, machine: MachineContext) -> None:
         pass
@@ -73,6 +74,7 @@ class StandInDriver:
         return self.agent
 
     async def stop(self, machine: MachineContext, agent: Any, grace: float) -> None:
+        self.stops.append(machine.vmid)
         await agent.stop(grace)
 
     def describe(self, machine: MachineContext) -> dict[str, str]:
@@ -160,4 +162,16 @@ async def test_an_agent_that_exits_without_answering_fails_the_deploy_after_a_gr
     assert outcome[0] in {ActorCrashed.__name__, ActorStopped.__name__}, outcome
     waited = trio.current_time() - exited_at
     assert ANSWER_GRACE <= waited < ANSWER_GRACE + 1, "bounded: an agent that died is not waited on for long"
+    assert not (tmp_path / "vm" / machine.vmid).exists()
+
+
+async def test_a_machine_stopped_by_its_supervisor_asks_its_driver_to_stop_it(
+    tmp_path: Path, patient_clock: trio.testing.MockClock
+) -> None:
+    machine, driver, _ = machine_with_stand_ins(tmp_path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(machine.run, Mailbox[MachineMsg](4, name=machine.vmid))
+        nursery.cancel_scope.cancel()  # the node stops, say
+    assert driver.stops == [machine.vmid]
+    assert driver.agent.exited.is_set()
     assert not (tmp_path / "vm" / machine.vmid).exists()

@@ -1,14 +1,17 @@
 """The driver interface every sandbox (process, and later Firecracker and QEMU) implements.
 
-A driver works on one machine at a time, through the machine's :class:`MachineContext`. Anything it
-creates outside the node's process it registers on ``context.cleanup`` *before* creating it, so the
-machine's teardown (normal, crash or cancellation) releases it, and crash recovery can find it.
+A driver owns its machines whole. It works on one machine at a time, through the machine's
+:class:`MachineContext`, which carries nothing of any one driver: what a driver keeps per machine
+(a network namespace, a tap, a VM's sockets) it keeps itself. Anything it creates outside the node's
+process it registers on ``context.cleanup`` *before* creating it, so the machine's teardown (normal,
+crash or cancellation) releases it, and crash recovery can find it.
 
 - ``prepare``: make what the sandbox needs (network, cgroup, disks), complete the machine's metadata
-  (its jail) and write ``driver.json`` and ``metadata.json``;
-- ``start``: start the sandbox with the agent in it, handing the agent its metadata privately;
-  return the agent's process;
-- ``stop``: ask the sandbox to stop, within ``grace`` seconds (cleanup kills what is left);
+  (its jail), set ``context.address`` and write ``driver.json`` and ``metadata.json``;
+- ``start``: start the sandbox with the agent in it, handing the agent its metadata in the driver's
+  own private way; return a :class:`MachineHandle`;
+- ``stop``: ask the sandbox to stop, within ``grace`` seconds; the machine calls it first in its
+  teardown, and the releases registered before it kill what is left;
 - ``describe``: facts for ``nex info`` and the logs (address, pid, sandbox, ...).
 """
 
@@ -19,9 +22,23 @@ from typing import Protocol
 
 from actors import CleanupStack
 from nex.api.agent import MachineMetadata
-from nex.net.netns import MachineNetwork
-from nex.vm.launcher import AgentProcess
 from nex.vm.state import MachineDir
+
+
+class MachineHandle(Protocol):
+    """A running machine, whatever runs it: a process, a VM's monitor."""
+
+    pid: int  #: the host process that holds the machine (the agent, or the hypervisor)
+
+    async def wait(self) -> int | None:
+        """Until the machine has ended; its exit code when known."""
+        ...
+
+    def signal(self, sig: int) -> None: ...
+
+    async def stop(self, grace: float) -> int | None:
+        """Ask it to stop, ``grace`` seconds, then end it; shielded."""
+        ...
 
 
 @dataclass
@@ -30,7 +47,7 @@ class MachineContext:
     dir: MachineDir
     cleanup: CleanupStack
     metadata: MachineMetadata  # the nkey seed included: never written to disk or an environment
-    network: MachineNetwork | None = None
+    address: str = ""  # the machine's IP address, once its driver has prepared it
     facts: dict[str, str] = field(default_factory=dict)
 
 
@@ -39,8 +56,8 @@ class Driver(Protocol):
 
     async def prepare(self, machine: MachineContext) -> None: ...
 
-    async def start(self, machine: MachineContext) -> AgentProcess: ...
+    async def start(self, machine: MachineContext) -> MachineHandle: ...
 
-    async def stop(self, machine: MachineContext, agent: AgentProcess, grace: float) -> None: ...
+    async def stop(self, machine: MachineContext, handle: MachineHandle, grace: float) -> None: ...
 
     def describe(self, machine: MachineContext) -> dict[str, str]: ...

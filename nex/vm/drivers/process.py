@@ -14,11 +14,12 @@ import msgspec
 import trio
 
 from nex import ids
-from nex.net.network import Networks
+from nex.net.netns import MachineNetwork
+from nex.net.network import Networks, Plan
 from nex.sandbox.policy import Sandbox
-from nex.vm.launcher import AgentProcess, Launcher, LaunchSpec
+from nex.vm.launcher import Launcher, LaunchSpec
 
-from .base import MachineContext
+from .base import MachineContext, MachineHandle
 
 
 class ProcessDriver:
@@ -28,6 +29,7 @@ class ProcessDriver:
         self.networks = networks
         self.launcher = launcher
         self.sandbox = sandbox
+        self._network: dict[str, MachineNetwork] = {}  # by vmid: each machine's namespace and link
 
     async def prepare(self, machine: MachineContext) -> None:
         facts: dict[str, object] = {"driver": self.name, "launcher": self.launcher.name}
@@ -37,7 +39,9 @@ class ProcessDriver:
         else:
             facts["network"] = "host loopback"
         cgroup = await self._prepare_cgroup(machine) if self.sandbox.hierarchy is not None else []
-        address = machine.network.address if machine.network is not None else None
+        network = self._network.get(machine.vmid)
+        address = network.address if network is not None else None
+        machine.address = address or "127.0.0.1"
         jail = self.sandbox.jail(machine.vmid, self.sandbox.uid_for(address), cgroup)
         machine.metadata = msgspec.structs.replace(machine.metadata, jail=jail, log_budget=self.sandbox.log_budget())
         machine.dir.write_json("driver.json", facts)
@@ -61,12 +65,16 @@ class ProcessDriver:
         )
         machine.cleanup.push(
             f"netns {plan.netns}",
-            lambda: self.networks.delete(plan),
+            lambda: self._delete_network(machine.vmid, plan),
             kind="netns",
             data={"netns": plan.netns, "host_link": plan.host_link},
         )
-        machine.network = await self.networks.create(plan)
-        machine.dir.note(f"network: netns {plan.netns}, {machine.network.address} via {plan.host_link}")
+        network = self._network[machine.vmid] = await self.networks.create(plan)
+        machine.dir.note(f"network: netns {plan.netns}, {network.address} via {plan.host_link}")
+
+    async def _delete_network(self, vmid: str, plan: Plan) -> None:
+        self._network.pop(vmid, None)
+        await self.networks.delete(plan)
 
     async def _prepare_cgroup(self, machine: MachineContext) -> list[str]:
         """The machine's cgroup, made with its limits; its directories (the agent joins them)."""
@@ -83,30 +91,28 @@ class ProcessDriver:
         machine.dir.note(f"cgroup {name}: {', '.join(str(p) for p in paths)}")
         return [str(path) for path in paths]
 
-    async def start(self, machine: MachineContext) -> AgentProcess:
+    async def start(self, machine: MachineContext) -> MachineHandle:
+        network = self._network.get(machine.vmid)
         spec = LaunchSpec(
             metadata=machine.metadata,
             stdout=machine.dir.stdout,
             stderr=machine.dir.stderr,
             cwd=machine.dir.path,
-            netns=machine.network.netns_path if machine.network else None,
+            netns=network.netns_path if network is not None else None,
         )
         agent = await self.launcher.launch(spec, machine.cleanup)  # registers the agent's release
         machine.dir.write_pid(agent.pid)
         machine.dir.note(f"agent started by {self.launcher.name}: pid {agent.pid}")
         return agent
 
-    async def stop(self, machine: MachineContext, agent: AgentProcess, grace: float) -> None:
-        await agent.stop(grace)
+    async def stop(self, machine: MachineContext, handle: MachineHandle, grace: float) -> None:
+        await handle.stop(grace)
 
     def describe(self, machine: MachineContext) -> dict[str, str]:
         facts = {"driver": self.name, "launcher": self.launcher.name, "sandbox": self.sandbox.kind}
-        if machine.network is not None:
-            facts |= {
-                "ip": machine.network.address,
-                "netns": machine.network.netns,
-                "hosttap": machine.network.host_link,
-            }
+        network = self._network.get(machine.vmid)
+        if network is not None:
+            facts |= {"ip": network.address, "netns": network.netns, "hosttap": network.host_link}
         else:
             facts["ip"] = "127.0.0.1"
         return facts
