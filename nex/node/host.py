@@ -33,19 +33,11 @@ from nex.bus.server import free_port
 from nex.config import NodeConfig
 from nex.net import netns
 from nex.net.network import Networks
-from nex.sandbox import cgroups
 from nex.sandbox.policy import Sandbox
+from nex.vm.drivers import process
+from nex.vm.drivers.base import STEM, NotOurs, Releaser
 
 log = logs.get("nex.node")
-
-_STEM = r"nx[0-9a-f]{10}"
-_SHAPES = {
-    "netns": {"netns": rf"{_STEM}", "host_link": rf"{_STEM}h"},
-    "lease": {"owner": r"[0-9a-v]{20}"},
-    "cgroup": {"name": _STEM},
-    "link": {"link": rf"{_STEM}g"},
-    "fence": {"table": _STEM},
-}
 
 
 def node_stem(state_dir: Path) -> str:
@@ -57,10 +49,6 @@ def link_group(stem: str) -> int:
     """The interface group of the node's host links (what its fence matches), from its stem: never 0
     (every link's default group), below 2**31."""
     return (int(stem[2:10], 16) & 0x7FFF_FFFF) | 1
-
-
-class NotOurs(Exception):
-    """A journal record this node could not have written."""
 
 
 class HostObjects:
@@ -130,25 +118,16 @@ class HostObjects:
         return ", ".join(f"{o.cidr}:{o.port or '*'}/{o.protocol}" for o in plan.openings) or "none"
 
     async def recover(self, journal: Journal) -> list[ResourceRecord]:
-        """Release, from the journal, what a node that did not stop cleanly left behind."""
-        releasers: dict[str, Callable[[ResourceRecord], Awaitable[None]]] = {
-            "netns": self._drop_netns,
-            "lease": self._drop_lease,
-            "dir": self._drop_dir,
-            "cgroup": self._drop_cgroup,
-            "link": self._drop_link,
-            "fence": self._drop_fence,
+        """Release, from the journal, what a node that did not stop cleanly left behind: the node's
+        own objects here, its machines' by their driver's releasers."""
+        releasers = {
+            "dir": Releaser(self._drop_dir),
+            "link": Releaser(self._drop_link, {"link": rf"{STEM}g"}),
+            "fence": Releaser(self._drop_fence, {"table": STEM}),
+            **process.releasers(self.networks, self.sandbox),
         }
-        guarded = {kind: _only_ours(kind, release) for kind, release in releasers.items()}
+        guarded = {kind: _only_ours(kind, releaser) for kind, releaser in releasers.items()}
         return await recover(journal, guarded)
-
-    async def _drop_netns(self, record: ResourceRecord) -> None:
-        await trio.to_thread.run_sync(netns.delete, str(record.data["netns"]), str(record.data["host_link"]))
-
-    async def _drop_lease(self, record: ResourceRecord) -> None:
-        if record.data.get("network") != self.networks.network_name:
-            raise NotOurs(f"a lease in network {record.data.get('network')!r}, not {self.networks.network_name}")
-        await self.networks.release(str(record.data["owner"]))
 
     async def _drop_dir(self, record: ResourceRecord) -> None:
         path = Path(str(record.data.get("path", "")))
@@ -159,16 +138,6 @@ class HostObjects:
             if path.is_symlink() or not real.is_relative_to(root) or real == root:
                 raise NotOurs(f"{path} is not a machine directory under {vm_root}")
             shutil.rmtree(path, ignore_errors=True)
-
-        await trio.to_thread.run_sync(remove)
-
-    async def _drop_cgroup(self, record: ResourceRecord) -> None:
-        def remove() -> None:
-            hierarchy = self.sandbox.hierarchy or cgroups.Hierarchy.detect()  # no_sandbox now, say
-            try:
-                hierarchy.remove(str(record.data["name"]), str(record.data.get("parent", "")))
-            except ValueError as exc:  # a name or parent that is not one of ours
-                raise NotOurs(str(exc)) from None
 
         await trio.to_thread.run_sync(remove)
 
@@ -185,11 +154,10 @@ def _remove_fence(table: str) -> None:
     fence.remove(table)
 
 
-def _only_ours(
-    kind: str, release: Callable[[ResourceRecord], Awaitable[None]]
-) -> Callable[[ResourceRecord], Awaitable[None]]:
-    """``release``, for records whose names have the shape this node gives them; others are dropped."""
-    shapes = _SHAPES.get(kind, {})
+def _only_ours(kind: str, releaser: Releaser) -> Callable[[ResourceRecord], Awaitable[None]]:
+    """``releaser``'s release, for records whose names have the shape this node gives them; others
+    are dropped."""
+    shapes, release = releaser.shapes, releaser.release
 
     async def guarded(record: ResourceRecord) -> None:
         try:

@@ -13,14 +13,19 @@ crash or cancellation) releases it, and crash recovery can find it.
 - ``stop``: ask the sandbox to stop, within ``grace`` seconds; the machine calls it first in its
   teardown, and the releases registered before it kill what is left;
 - ``describe``: facts for ``nex info`` and the logs (address, pid, sandbox, ...).
+
+After a crash of the node, the next run releases what the journal records; a driver says how to
+release each kind of record it writes, and what names it gives (:class:`Releaser`), so that crash
+recovery acts only on records shaped like its own.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from actors import CleanupStack
+from actors import CleanupStack, ResourceRecord
 from nex.api.agent import MachineMetadata
 from nex.vm.state import MachineDir
 
@@ -39,6 +44,23 @@ class MachineHandle(Protocol):
     async def stop(self, grace: float) -> int | None:
         """Ask it to stop, ``grace`` seconds, then end it; shielded."""
         ...
+
+
+#: The shape of a name this node gives its objects: ``nx`` and 10 hex characters.
+STEM = r"nx[0-9a-f]{10}"
+
+
+class NotOurs(Exception):
+    """A journal record this node could not have written."""
+
+
+@dataclass(frozen=True)
+class Releaser:
+    """How crash recovery releases one kind of journal record, and the shape of the names in its
+    data that this node gives (a record whose names have another shape is not released)."""
+
+    release: Callable[[ResourceRecord], Awaitable[None]]
+    shapes: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

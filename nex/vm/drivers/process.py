@@ -13,13 +13,16 @@ from __future__ import annotations
 import msgspec
 import trio
 
+from actors import ResourceRecord
 from nex import ids
+from nex.net import netns
 from nex.net.netns import MachineNetwork
 from nex.net.network import Networks, Plan
+from nex.sandbox import cgroups
 from nex.sandbox.policy import Sandbox
 from nex.vm.launcher import Launcher, LaunchSpec
 
-from .base import MachineContext, MachineHandle
+from .base import STEM, MachineContext, MachineHandle, NotOurs, Releaser
 
 
 class ProcessDriver:
@@ -116,3 +119,31 @@ class ProcessDriver:
         else:
             facts["ip"] = "127.0.0.1"
         return facts
+
+
+def releasers(networks: Networks, sandbox: Sandbox) -> dict[str, Releaser]:
+    """How the next run releases what a process driver's machines left behind (see ``Releaser``)."""
+
+    async def drop_netns(record: ResourceRecord) -> None:
+        await trio.to_thread.run_sync(netns.delete, str(record.data["netns"]), str(record.data["host_link"]))
+
+    async def drop_lease(record: ResourceRecord) -> None:
+        if record.data.get("network") != networks.network_name:
+            raise NotOurs(f"a lease in network {record.data.get('network')!r}, not {networks.network_name}")
+        await networks.release(str(record.data["owner"]))
+
+    async def drop_cgroup(record: ResourceRecord) -> None:
+        def remove() -> None:
+            hierarchy = sandbox.hierarchy or cgroups.Hierarchy.detect()  # no_sandbox now, say
+            try:
+                hierarchy.remove(str(record.data["name"]), str(record.data.get("parent", "")))
+            except ValueError as exc:  # a name or parent that is not one of ours
+                raise NotOurs(str(exc)) from None
+
+        await trio.to_thread.run_sync(remove)
+
+    return {
+        "netns": Releaser(drop_netns, {"netns": STEM, "host_link": rf"{STEM}h"}),
+        "lease": Releaser(drop_lease, {"owner": r"[0-9a-v]{20}"}),
+        "cgroup": Releaser(drop_cgroup, {"name": STEM}),
+    }
