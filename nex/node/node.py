@@ -64,7 +64,7 @@ from nex.sandbox import cgroups, support
 from nex.sandbox.policy import HostSupport, Sandbox
 from nex.state import NodeState
 from nex.vm import pool
-from nex.vm.drivers.process import ProcessDriver
+from nex.vm.drivers import open_driver
 from nex.vm.handshake import HandshakeBook, Handshakes
 from nex.vm.launcher import SpawnLauncher, ZygoteLauncher
 from nex.vm.machine import MachineDeps, RunningWorkload
@@ -267,11 +267,12 @@ class Node:
         launcher: ZygoteLauncher | SpawnLauncher = (
             ZygoteLauncher(self.state_dir) if self.config.agent_launcher == "zygote" else SpawnLauncher()
         )
+        driver = open_driver(self.config, networks, launcher, sandbox)
         handshakes = HandshakeBook()
         machines = DynamicSupervisor("machines")
         workload_mailbox = manager.mailbox()
         deps = MachineDeps(
-            driver=ProcessDriver(networks, launcher, sandbox),
+            driver=driver,
             credentials=credentials,
             handshakes=handshakes,
             vm_root=self.state_dir / "vm" / "system" / state.name,
@@ -321,7 +322,7 @@ class Node:
         ]
         log.info(
             "Machines",
-            driver="process",
+            driver=driver.name,
             network="own namespace per machine" if networks.namespaced else "host loopback",
             agents="zygote (pre-imported fork server)" if isinstance(launcher, ZygoteLauncher) else "new process each",
             pool_size=self.config.machine_pool_size,
