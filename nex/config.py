@@ -239,6 +239,14 @@ def load(
     return LoadedConfig(config=config, warnings=warnings, source=source)
 
 
+MAX_MS = 2**63 - 1  # JSON integers decode to any size; nex's Go reads these into int64
+
+
+def _durations_ms(config: NodeConfig) -> list[tuple[str, int]]:
+    """The config's durations in milliseconds, by name (each becomes a float of seconds)."""
+    return [(name, getattr(config, name)) for name in type(config).__struct_fields__ if name.endswith("_ms")]
+
+
 def validate(config: NodeConfig) -> list[str]:
     """Every rule a well-typed config can still break, as ``<rule> at <path>``."""
     problems: list[str] = []
@@ -264,6 +272,9 @@ def validate(config: NodeConfig) -> list[str]:
     at_least(config.heartbeat_interval_ms, 100, "$.heartbeat_interval_ms")
     at_least(config.agent_ping_interval_ms, 0, "$.agent_ping_interval_ms")
     at_least(config.lameduck_deadline_ms, 0, "$.lameduck_deadline_ms")
+    for name, value in _durations_ms(config):
+        if value > MAX_MS:
+            problems.append(f"{name} must be at most {MAX_MS} (a Go int64, as nex reads it) at $.{name}")
     at_least(config.essential_restart_limit, 0, "$.essential_restart_limit")
     at_least(config.essential_backoff_ms, 0, "$.essential_backoff_ms")
     at_least(config.workload_stop_grace_ms, 0, "$.workload_stop_grace_ms")

@@ -117,6 +117,10 @@ def test_keys_nex_knows_but_this_node_does_not_apply_are_flagged(tmp_path: Path)
         ),
         ({"internal_node_host": "nope"}, "internal_node_host must be an IPv4 address at $.internal_node_host"),
         (
+            {"lameduck_deadline_ms": 10**400},
+            f"lameduck_deadline_ms must be at most {2**63 - 1} (a Go int64, as nex reads it) at $.lameduck_deadline_ms",
+        ),
+        (
             {"machine_pool_size": 14, "cni": {"subnet": "10.0.0.0/28"}},
             "machine_pool_size 14 does not fit the CNI subnet 10.0.0.0/28, which has addresses for 13 machines "
             "(running workloads need theirs too): use a larger cni.subnet or a smaller pool at $.machine_pool_size",
