@@ -314,8 +314,16 @@ class NatsLink:
     async def publish(
         self, subject: str, payload: bytes = b"", *, reply: str = "", headers: dict[str, str] | None = None
     ) -> None:
-        """Publish and wait until nats-py has taken the message (not until the server has)."""
-        await self.aio.run(self._client().publish, subject, payload, reply, headers)
+        """Publish and wait until nats-py has taken the message (not until the server has).
+
+        Raises:
+            LinkError: not connected, or nats-py refused the message (more than the server's
+                max_payload, a subject it rejects, a connection closing).
+        """
+        try:
+            await self.aio.run(self._client().publish, subject, payload, reply, headers)
+        except nats.errors.Error as exc:
+            raise LinkError(f"cannot publish to {subject}: {reason(exc)}") from None
 
     def publish_nowait(
         self, subject: str, payload: bytes = b"", *, reply: str = "", headers: dict[str, str] | None = None

@@ -188,3 +188,14 @@ async def test_connection_state_is_written_on_the_trio_thread_only(
             assert (link.state, link.reconnects) == ("connected", 1)
         nursery.cancel_scope.cancel()
     assert writers == {threading.current_thread().name}
+
+
+async def test_a_publish_nats_py_refuses_is_a_link_error(nats_server: NatsServerProc, aio: AsyncioThread) -> None:
+    """Callers handle one kind of error: more than the server's max_payload is a LinkError too."""
+    link = NatsLink("t", [nats_server.url], aio)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        with pytest.raises(LinkError, match="cannot publish to big: "):
+            await link.publish("big", b"x" * (2 << 20))  # the server's default max_payload is 1 MiB
+        await link.publish("small", b"fine")  # the link goes on
+        nursery.cancel_scope.cancel()
