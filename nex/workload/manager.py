@@ -39,7 +39,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
-import nats.errors
 import trio
 
 from actors import (
@@ -584,11 +583,15 @@ class WorkloadManager(Actor[WorkloadMsg]):
         if self.state.lameduck:
             log.info("Lame duck: essential workload not restarted", name=spec.name)
             return
+        reservation = Reservation(self.book)  # not refused at the limit: it replaces one that ended
+        reservation.add_bytes(len(spec.artifact))
         try:
             await self._launch(spec)
         except Refused as exc:
             log.error("Restart of an essential workload failed", name=spec.name, error=str(exc))
             self._schedule_restart(spec)
+        finally:
+            reservation.release()
 
     def _emit(self, workload: Workload, event_type: str, code: int, message: str) -> None:
         data = events.WorkloadEventData(
@@ -603,7 +606,7 @@ class WorkloadManager(Actor[WorkloadMsg]):
     async def _respond(self, msg: InboundMsg, reply: bytes) -> None:
         try:
             await self.control.respond(msg, reply)
-        except (LinkError, nats.errors.Error) as exc:  # not connected, or a reply nats-py refuses (MaxPayloadError)
+        except LinkError as exc:  # not connected, or a reply nats-py refuses (more than max_payload)
             log.warning("Could not send a reply", subject=msg.subject, error=str(exc))
 
 
