@@ -57,6 +57,18 @@ def wait_restarted(node: NodeProcess, killed: int, timeout: float = 20) -> None:
         select.select([], [], [], 0.02)  # a log file is always readable: poll its growth
 
 
+def wait_pool_replaced(node: NodeProcess, bus: Bus, old: set[str], timeout: float = 20) -> None:
+    """Until the pool holds as many ready machines as before, none of them one of ``old``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pool = node.info(bus).pool
+        if not old & {m.id for m in pool} and sum(m.state == "ready" for m in pool) >= len(old):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the machines warmed before the restart are still in the pool: {pool}")
+        bus.run(bus.nc.flush())  # one round trip between two looks
+
+
 def test_deploys_succeed_after_the_internal_server_is_killed(
     home: Path, open_nats_server: NatsServerProc, obus: Bus, binaries: Binaries
 ) -> None:
@@ -68,9 +80,11 @@ def test_deploys_succeed_after_the_internal_server_is_killed(
     internal = processes_mentioning(str(node.state_dir / "nats" / "internal.conf"))
     assert len(internal) == 1, internal
 
+    warmed = {member.id for member in node.info(obus).pool}
     (pid,) = internal
     os.kill(pid, signal.SIGKILL)
     wait_restarted(node, pid)
+    wait_pool_replaced(node, obus, warmed)  # their artifact stores died with the server
 
     # three deploys: the two machines warmed before the restart are replaced, and one more is made
     for n in range(3):
