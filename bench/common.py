@@ -97,9 +97,16 @@ class NodeProcess:
             if needle in line:
                 return at
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 60) -> bool:
+        """SIGTERM, waited for; SIGKILL after ``timeout`` seconds. True if it had to be killed."""
         self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(60)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return True
+        return False
 
     def tail(self, lines: int = 40) -> str:
         """The node's last log lines (for a benchmark that failed)."""

@@ -506,11 +506,7 @@ def main() -> None:
                 raise
             finally:
                 began = time.perf_counter()
-                try:
-                    node.stop()
-                except subprocess.TimeoutExpired:
-                    node.proc.kill()
-                    node.proc.wait()
+                if node.stop():
                     stopped["killed_after_sigterm_timeout"] = True
                 stopped |= {"exit_code": node.proc.returncode, "stop_s": time.perf_counter() - began}
             warnings = node_warnings(node)

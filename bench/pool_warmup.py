@@ -182,11 +182,7 @@ def main() -> None:
         def stop(node: Node, name: str) -> float:
             """Stop ``node`` (SIGTERM, waited for); how long it took. Record what it left behind."""
             began = time.perf_counter()
-            try:
-                node.stop()
-            except subprocess.TimeoutExpired:
-                node.proc.kill()
-                node.proc.wait()
+            if node.stop():
                 left.setdefault(name, {})["stop"] = ["no exit within 60 s of SIGTERM: killed"]
             found = {kind: names for kind, names in leftovers(node, NETWORK).items() if names}
             if found:
