@@ -41,7 +41,9 @@ from nex.workload import request as workload_request
 T = TypeVar("T")
 
 DEFAULT_SERVER = "nats://127.0.0.1:4222"
-FOLLOW_RECONNECT_WAIT = 0.5  # seconds between a follower's reconnect attempts
+# Seconds between a follower's reconnect attempts: a node that brought its own server back publishes
+# node_started (and what its last run left) within moments, and a follower must be back by then.
+FOLLOW_RECONNECT_WAIT = 0.1
 DISCOVERY_WINDOW = 0.75  # how long to collect ping answers when picking a node
 REASK = 0.25  # between pings while waiting for an expected number of nodes
 UPLOAD_BUCKET = "NEXCLIFILES"  # nex devrun's bucket
