@@ -24,7 +24,8 @@ import msgspec
 
 from . import crypto
 
-Driver = Literal["process"]
+Driver = Literal["process", "qemu", "firecracker"]
+VM_DRIVERS = ("qemu", "firecracker")
 KNOWN_WORKLOAD_TYPES = ("native", "elf")
 NR_OPEN = 1 << 20  # the kernel's default fs.nr_open: no process may have more open files
 UID_BASE = 0x7000_0000
@@ -149,7 +150,14 @@ class NodeConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     otel_traces_exporter: Any = None
     autostart: Any = None
     # this node's own keys
-    driver: Driver = "process"
+    driver: Driver | None = None  # None: qemu when kernel_path or rootfs_path is set, else process
+    initrd_path: str = ""  # the guest's initramfs; "": initrd.img beside kernel_path, if there is one
+    qemu_path: str = "qemu-system-x86_64"
+    firecracker_path: str = "firecracker"
+    jailer_path: str = ""  # "": firecracker runs without its jailer
+    vm_accel: Literal["auto", "kvm", "tcg"] = "auto"  # auto: KVM when /dev/kvm runs a guest, else TCG
+    vm_snapshots: bool = True  # warm the pool from a snapshot of a booted template VM
+    vm_boot_timeout_ms: int = 120_000  # a cold boot to the agent's handshake (the template's too)
     state_dir: str | None = None
     heartbeat_interval_ms: int = 30_000
     agent_ping_interval_ms: int = 5_000  # between pings of each agent (agent_ping_timeout_ms each); 0: none
@@ -161,6 +169,15 @@ class NodeConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     bus_thread_affinity: Literal["colocate", "none"] = "colocate"
     agent_launcher: Literal["zygote", "spawn"] = "zygote"
     sandbox: SandboxConfig = msgspec.field(default_factory=SandboxConfig)
+
+    def machine_driver(self) -> Driver:
+        """The driver machines get: the configured one; without one, a VM when the config names a
+        kernel or a root filesystem (nex's sample config does: it means VMs), else a process."""
+        if self.driver is not None:
+            return self.driver
+        if self.no_sandbox:  # nex's meaning: workloads run as plain processes, no VM
+            return "process"
+        return "qemu" if self.kernel_filepath or self.rootfs_filepath else "process"
 
     def subnet(self) -> ipaddress.IPv4Network:
         return ipaddress.IPv4Network(self.cni.subnet)
@@ -256,6 +273,11 @@ def validate(config: NodeConfig) -> list[str]:
             problems.append(f"{path.removeprefix('$.')} must be >= {minimum} at {path}")
 
     at_least(config.machine_pool_size, 1, "$.machine_pool_size")
+    if config.no_sandbox and config.driver in VM_DRIVERS:
+        problems.append(
+            f"driver {config.driver} cannot be combined with no_sandbox (nex's no_sandbox runs workloads as plain "
+            "processes): drop one at $.driver"
+        )
     at_least(config.machine_template.vcpu_count, 1, "$.machine_template.vcpu_count")
     at_least(config.machine_template.memsize_mib, 16, "$.machine_template.memsize_mib")
     at_least(config.machine_template.pids_max, 8, "$.machine_template.pids_max")
@@ -269,6 +291,7 @@ def validate(config: NodeConfig) -> list[str]:
         )
     at_least(config.agent_handshake_timeout_ms, 1, "$.agent_handshake_timeout_ms")
     at_least(config.agent_ping_timeout_ms, 1, "$.agent_ping_timeout_ms")
+    at_least(config.vm_boot_timeout_ms, 1, "$.vm_boot_timeout_ms")
     at_least(config.heartbeat_interval_ms, 100, "$.heartbeat_interval_ms")
     at_least(config.agent_ping_interval_ms, 0, "$.agent_ping_interval_ms")
     at_least(config.lameduck_deadline_ms, 0, "$.lameduck_deadline_ms")

@@ -140,6 +140,39 @@ class MachineMetadata(msgspec.Struct, omit_defaults=True):
     log_budget: LogBudget = LogBudget()
 
 
+class GuestNetwork(msgspec.Struct, frozen=True):
+    """A VM's one interface as its agent sets it up (the kernel ignores ``ip=``): ``address``/``prefixlen``
+    on ``eth0``, a route to ``gateway`` on the link, and the default route through it (CNI ptp's shape)."""
+
+    address: str
+    prefixlen: int
+    gateway: str
+
+
+class GuestIdentity(msgspec.Struct, frozen=True, kw_only=True):
+    """nex-py: what a VM's agent takes from its host before anything else, over its private channel
+    (a virtio-serial port for QEMU, MMDS for Firecracker), one JSON line.
+
+    A VM may be a clone of a snapshot that a template VM took: it then shares the template's memory,
+    so its random state and its clock are the template's too, and it has no identity yet. The agent
+    therefore mixes ``entropy`` into the kernel's RNG and reseeds it, sets the clock to ``time_ns``
+    (the host's ``CLOCK_REALTIME`` when it sent this), and only then configures its network and
+    connects with ``metadata``'s credentials.
+    """
+
+    metadata: MachineMetadata
+    network: GuestNetwork | None = None
+    time_ns: int = 0
+    entropy: str = ""  # base64 of random bytes from the host
+
+
+class GuestReady(msgspec.Struct, frozen=True, tag="ready"):
+    """nex-py: what a VM's agent says on its channel once it has started and waits for its identity:
+    the moment a template VM can be saved as a snapshot."""
+
+    pid: int
+
+
 class HandshakeRequest(msgspec.Struct, omit_defaults=True):
     id: str
     start_time: str

@@ -108,6 +108,7 @@ def up(
     lameduck_deadline: str | None = None,
     allow: list[str] | None = None,
     no_sandbox: bool = False,
+    driver: Literal["process", "qemu", "firecracker"] | None = None,
     log_level: Literal["debug", "info", "warn", "error"] = "info",
     conn: Connection = Connection(),  # noqa: B008  (cyclopts reads the defaults from here)
 ) -> int:
@@ -146,6 +147,9 @@ def up(
     no_sandbox
         Run workloads without any jail, limit or fence: as root, on this host (no_sandbox). Only for
         code you trust.
+    driver
+        What a machine is (driver): a jailed process, a QEMU microvm, or a Firecracker VM [default:
+        qemu when the config names a kernel or rootfs, else process].
     log_level
         Least severe log lines to print.
     """
@@ -163,6 +167,7 @@ def up(
             lameduck_deadline=lameduck_deadline,
             allow=allow or [],
             no_sandbox=no_sandbox,
+            driver=driver,
             log_level=log_level,
             server=conn.server,
         )
@@ -198,6 +203,7 @@ def _up(
     lameduck_deadline: str | None,
     allow: list[str],
     no_sandbox: bool,
+    driver: str | None,
     log_level: str,
     server: str | None,
 ) -> int:
@@ -208,7 +214,12 @@ def _up(
     from nex.node.node import Node, NodeError
 
     overrides: dict[str, Any] = {f"tags.{key}": value for key, value in _pairs("--tag", tag).items()}
-    simple = {"machine_pool_size": pool_size, "internal_node_port": internal_port, "tags.node_name": name}
+    simple = {
+        "machine_pool_size": pool_size,
+        "internal_node_port": internal_port,
+        "tags.node_name": name,
+        "driver": driver,
+    }
     overrides.update({k: v for k, v in simple.items() if v is not None})
     for flag, key, text in (
         ("--heartbeat-interval", "heartbeat_interval_ms", heartbeat_interval),
@@ -231,6 +242,10 @@ def _up(
     for warning in loaded.warnings:
         log.warning(f"config: {warning}")
     cfg = loaded.config
+    from .preflight import start_refusal  # a VM driver's requirements, checked before anything starts
+
+    if (refusal := start_refusal(cfg)) is not None:
+        return _fail(refusal)
     node = Node(
         cfg,
         state_dir=Path(cfg.state_dir) if cfg.state_dir else node_config.default_state_dir(),
@@ -591,6 +606,9 @@ def _default_name(target: str) -> str:
 node_app.command(up, name="up")
 node_app.command(ls, name="ls")
 node_app.command(info, name="info")
+app.command("nex.cli.image:image_app", name="image")  # lazily: imported when run
+app.command("nex.cli.preflight:preflight", name="preflight")  # lazily: imported when run
+node_app.command("nex.cli.preflight:preflight", name="preflight")
 
 
 def main() -> None:

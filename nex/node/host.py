@@ -34,7 +34,7 @@ from nex.config import NodeConfig
 from nex.net import netns
 from nex.net.network import Networks
 from nex.sandbox.policy import Sandbox
-from nex.vm.drivers import process
+from nex.vm.drivers import process, qemu
 from nex.vm.drivers.base import STEM, NotOurs, Releaser
 
 log = logs.get("nex.node")
@@ -125,6 +125,7 @@ class HostObjects:
             "link": Releaser(self._drop_link, {"link": rf"{STEM}g"}),
             "fence": Releaser(self._drop_fence, {"table": STEM}),
             **process.releasers(self.networks, self.sandbox),
+            **qemu.releasers(self.networks),  # whatever driver the last run had
         }
         guarded = {kind: _only_ours(kind, releaser) for kind, releaser in releasers.items()}
         return await recover(journal, guarded)

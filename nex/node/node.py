@@ -63,12 +63,16 @@ from nex.net.network import Networks
 from nex.sandbox import cgroups, support
 from nex.sandbox.policy import HostSupport, Sandbox
 from nex.state import NodeState
-from nex.vm import pool
+from nex.vm import image as guest_image
+from nex.vm import kvm, pool
 from nex.vm.drivers import open_driver
+from nex.vm.drivers.base import Driver
 from nex.vm.handshake import HandshakeBook, Handshakes
 from nex.vm.launcher import SpawnLauncher, ZygoteLauncher
 from nex.vm.machine import MachineDeps, RunningWorkload
 from nex.vm.pool import Pool, PoolBook, ServerRestarted
+from nex.vm.qemu.boot import BootImage, ImageError, configured_image, vm_accel
+from nex.vm.qemu.vm import VmFailed
 from nex.workload import manager
 
 from .control import ControlApi
@@ -264,10 +268,12 @@ class Node:
             nkeys_seed_str=credentials.node_seed,
         )
         publisher = EventPublisher(control_link, state.node_id)
-        launcher: ZygoteLauncher | SpawnLauncher = (
-            ZygoteLauncher(self.state_dir) if self.config.agent_launcher == "zygote" else SpawnLauncher()
-        )
-        driver = open_driver(self.config, networks, launcher, sandbox)
+        launcher: ZygoteLauncher | SpawnLauncher | None = None
+        if self.config.machine_driver() == "process":
+            launcher = ZygoteLauncher(self.state_dir) if self.config.agent_launcher == "zygote" else SpawnLauncher()
+            driver = open_driver(self.config, networks, sandbox, launcher=launcher)
+        else:
+            driver = await self._open_vm_driver(networks, sandbox)
         handshakes = HandshakeBook()
         machines = DynamicSupervisor("machines")
         workload_mailbox = manager.mailbox()
@@ -298,11 +304,11 @@ class Node:
         )
 
         def pool_view() -> list[control.PoolMember]:
-            kind = sandbox.kind
+            kind = driver.kind
             return [control.PoolMember(id=e.vmid, state=e.state, ip=e.ip, sandbox=kind) for e in pool_book.entries()]
 
         def machines_view(namespace: str) -> list[control.MachineSummary]:
-            return workload_book.summaries(namespace, sandbox.kind)
+            return workload_book.summaries(namespace, driver.kind)
 
         # The zygote first: it is "started" as soon as its process exists, and its imports then
         # overlap the start of the servers and links.
@@ -324,7 +330,7 @@ class Node:
             "Machines",
             driver=driver.name,
             network="own namespace per machine" if networks.namespaced else "host loopback",
-            agents="zygote (pre-imported fork server)" if isinstance(launcher, ZygoteLauncher) else "new process each",
+            agents=_agents_started_by(launcher),
             pool_size=self.config.machine_pool_size,
         )
         self.root = Supervisor("node", children, intensity=5, period=30)
@@ -337,6 +343,42 @@ class Node:
             self._progress.close()
         self._tree_started = True
         return publisher
+
+    async def _open_vm_driver(self, networks: Networks, sandbox: Sandbox) -> Driver:
+        """The VM driver, over the configured image or the node's own (built now if it is not yet)."""
+        try:
+            image: BootImage | None = configured_image(self.config)
+        except ImageError as exc:
+            raise NodeError(str(exc)) from None
+        if image is None:
+            image = await self._guest_image()
+        accel = await vm_accel(self.config, image)
+        try:
+            return open_driver(
+                self.config,
+                networks,
+                sandbox,
+                image=image,
+                accel=accel,
+                tsc_khz=kvm.tcg_tsc_khz(),
+                snapshot_root=self.state_dir / "snapshots",
+            )
+        except VmFailed as exc:
+            raise NodeError(str(exc)) from None
+
+    async def _guest_image(self) -> BootImage:
+        cached = await trio.to_thread.run_sync(guest_image.cached_image, self.state_dir)
+        if cached is not None:
+            return cached
+        log.info(
+            "Building the guest image (once; `nex image build` does it ahead of time)", state_dir=str(self.state_dir)
+        )
+        try:
+            return await trio.to_thread.run_sync(
+                lambda: guest_image.build_image(self.state_dir, say=lambda text: log.info(text))
+            )
+        except guest_image.ImageError as exc:
+            raise NodeError(f"cannot build the guest image: {exc}") from None
 
     def _tree(self) -> TreeNode:
         assert self.root is not None
@@ -519,6 +561,12 @@ def _remove_empty_dirs(root: Path) -> None:
             path.rmdir()
     with contextlib.suppress(OSError):
         root.rmdir()
+
+
+def _agents_started_by(launcher: ZygoteLauncher | SpawnLauncher | None) -> str:
+    if launcher is None:
+        return "as each VM's init"
+    return "zygote (pre-imported fork server)" if isinstance(launcher, ZygoteLauncher) else "new process each"
 
 
 def _sandbox_info(sandbox: Sandbox) -> control.SandboxInfo:

@@ -185,15 +185,17 @@ class Machine(Actor[MachineMsg]):
         hello = deps.handshakes.expect(vmid)
         self.cleanup.push(f"handshake of {vmid}", _forget(deps.handshakes, vmid), durable=False)
         started = trio.current_time()
-        deadline = started + deps.handshake_timeout  # covers the launch too: a stuck launcher is bounded
+        # covers the launch too: a stuck launcher is bounded
+        deadline = started + deps.handshake_timeout + context.boot_allowance
         with trio.move_on_at(deadline):
             self.agent = await deps.driver.start(context)
         if self.agent is None:
             folder.note("agent not started in time")
             raise HandshakeTimeout(
-                f"the agent of machine {vmid} was not even started within {deps.handshake_timeout * 1000:.0f} ms "
-                "(is the agent launcher stuck?)"
+                f"the agent of machine {vmid} was not even started within "
+                f"{(deadline - started) * 1000:.0f} ms (is the agent launcher stuck?)"
             )
+        deadline = started + deps.handshake_timeout + context.boot_allowance  # a driver may have had to boot
         handle = self.agent
         self.cleanup.push(  # first in the teardown: the driver's own stop, then what it registered
             f"stop of machine {vmid}",
@@ -218,7 +220,7 @@ class Machine(Actor[MachineMsg]):
             folder.note("no handshake in time")
             raise HandshakeTimeout(
                 f"the agent of machine {vmid} did not complete its handshake within "
-                f"{deps.handshake_timeout * 1000:.0f} ms; its last output: {_tail(folder)}"
+                f"{(deadline - started) * 1000:.0f} ms; its last output: {_tail(folder)}"
             )
         if not store_made.is_set():
             raise HandshakeTimeout(f"the artifact store of machine {vmid} was not made within the handshake timeout")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from .image_fixture import guest_image  # noqa: F401  (a fixture, for the VM tests)
 from .support import (
     STARTED,
     Bus,

@@ -38,7 +38,7 @@ pytestmark = [
 ]
 
 GATEWAY = "192.168.127.1"
-JAIL, UNJAILED = "jail", "no_sandbox"
+JAIL, UNJAILED, VM = "jail", "no_sandbox", "qemu"
 
 
 @pytest.fixture
@@ -54,11 +54,18 @@ def forwarding() -> Iterator[None]:
         path.write_text(before)
 
 
-def start_node(home: Path, mode: str, server: NatsServerProc, bus: Bus, **settings: Any) -> NodeProcess:
+def start_node(
+    home: Path, mode: str, server: NatsServerProc, bus: Bus, image: Any = None, **settings: Any
+) -> NodeProcess:
+    """A node whose machines are jailed processes, unjailed processes, or (``image``) VMs jailing
+    their workloads inside."""
     config = {"machine_pool_size": 2, "no_sandbox": mode == UNJAILED, **settings}
+    if image is not None:  # nex's sample config's shape: a kernel and a rootfs give VMs
+        config |= {"kernel_path": str(image.kernel), "rootfs_path": str(image.rootfs)}
     path = home / f"{mode}.json"
     path.write_text(json.dumps(config))
-    return NodeProcess(home, "--config", str(path), server=server.url, name=mode).start(bus, timeout=60)
+    timeout = 240 if image is not None else 60  # a first VM node boots its template under TCG
+    return NodeProcess(home, "--config", str(path), server=server.url, name=mode).start(bus, timeout=timeout)
 
 
 class Tenant:
@@ -152,7 +159,18 @@ ESCAPES = (
 )  # fmt: skip
 
 
-@pytest.mark.parametrize("mode", [JAIL, UNJAILED])
+def qemu_of(vmid: str) -> int:
+    """The host pid of machine ``vmid``'s qemu (its workload's processes are inside the VM)."""
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                cmdline = Path(entry.path, "cmdline").read_bytes()
+                if b"qemu-system" in cmdline and vmid.encode() in cmdline:
+                    return int(entry.name)
+    raise AssertionError(f"no qemu process of machine {vmid}")
+
+
+@pytest.mark.parametrize("mode", [JAIL, UNJAILED, VM])
 @pytest.mark.usefixtures("forwarding")
 def test_a_hostile_tenant_cannot_reach_out_of_its_jail(
     mode: str,
@@ -162,8 +180,10 @@ def test_a_hostile_tenant_cannot_reach_out_of_its_jail(
     binaries: Binaries,
     bystander: int,
     host_listener: int,
+    request: pytest.FixtureRequest,
 ) -> None:
-    node = start_node(home, mode, open_nats_server, obus)
+    image = request.getfixturevalue("guest_image") if mode == VM else None
+    node = start_node(home, mode, open_nats_server, obus, image)
     tenant = Tenant(obus, node)
     user_keys = home / "user" / ".nex"
     user_keys.mkdir(parents=True)
@@ -177,6 +197,8 @@ def test_a_hostile_tenant_cannot_reach_out_of_its_jail(
     vm_root = node.state_dir / "vm" / "system" / node.info(obus).tags["node_name"]
     # deploys take the oldest ready machine: the attacker gets the first, the next tenant the second
     _, (next_tenant, next_ip) = [(member.id, member.ip) for member in ready_pool(node, obus, 2)]
+    # the other tenant's workload; in a VM, all the host has of it is its machine's qemu
+    other_pid = qemu_of(other) if mode == VM else pid_with_env("TENANT_SECRET=sealed-for-other")
     record = {"kind": "dir", "name": "planted", "data": {"path": str(victim)}, "owner": "x", "pid": 1, "created": 0}
     env = {
         "READ_1": f"node_key={node.state_dir / 'node.nk'}",
@@ -184,7 +206,7 @@ def test_a_hostile_tenant_cannot_reach_out_of_its_jail(
         "READ_3": f"issuer_key={user_keys / 'issuer.nk'}",
         "READ_4": "shadow=/etc/shadow",
         "READ_5": f"other_machine={vm_root / other}",
-        "READ_6": f"other_environ=/proc/{pid_with_env('TENANT_SECRET=sealed-for-other')}/environ",
+        "READ_6": f"other_environ=/proc/{other_pid}/environ",
         "READ_7": "init_cmdline=/proc/1/cmdline",  # in the jail, init's: the agent's command line
         "HOST_PID": str(node.proc.pid if node.proc else 0),
         "HOST_PIDS_MIN": "10",
@@ -205,12 +227,12 @@ def test_a_hostile_tenant_cannot_reach_out_of_its_jail(
     attacker = tenant.run(binaries.hostile, "hostile", ["escape"], env)
     found = attacks(tenant.lines(attacker))
 
-    expected = "BLOCKED" if mode == JAIL else "OK"
+    expected = "OK" if mode == UNJAILED else "BLOCKED"
     wrong = {name: found.get(name) for name in ESCAPES if (found.get(name) or ("",))[0] != expected}
     assert not wrong, f"expected {expected} for every attack ({mode}), got: {wrong}"
     assert found["connect:internal_server"][0] == "OK", "the fence lets the internal server through"
     caps = found["caps"][1]
-    if mode == JAIL:
+    if mode in (JAIL, VM):  # a VM jails its workload too: the VM is a second wall, not the only one
         cap_eff, no_new_privs, seccomp_mode, uid, _ = caps.split()
         assert (int(cap_eff, 16), no_new_privs, seccomp_mode) == (0, "1", "2")
         assert uid == "uid=0", "uid 0 in its own user namespace"

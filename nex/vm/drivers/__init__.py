@@ -1,23 +1,64 @@
 """Machine drivers: how a machine's sandbox is made, started, stopped, described and recovered.
 
-:func:`open_driver` makes the driver the config names (``driver``); the pool, the machines and the
-workloads see only :class:`~nex.vm.drivers.base.Driver`.
+:func:`open_driver` makes the driver the config names (``driver``, see
+:meth:`~nex.config.NodeConfig.machine_driver`); the pool, the machines and the workloads see only
+:class:`~nex.vm.drivers.base.Driver`.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from nex.config import NodeConfig
 from nex.net.network import Networks
 from nex.sandbox.policy import Sandbox
 from nex.vm.launcher import Launcher
+from nex.vm.qemu.boot import BootImage
+from nex.vm.qemu.command import VmSpec
 
 from .base import Driver
 from .process import ProcessDriver
+from .qemu import QemuDriver
 
 
-def open_driver(config: NodeConfig, networks: Networks, launcher: Launcher, sandbox: Sandbox) -> Driver:
-    """The driver ``config.driver`` names, over this node's networks, agent launcher and sandbox."""
-    match config.driver:
+def open_driver(
+    config: NodeConfig,
+    networks: Networks,
+    sandbox: Sandbox,
+    *,
+    launcher: Launcher | None = None,
+    image: BootImage | None = None,
+    accel: str = "tcg",
+    tsc_khz: int = 0,
+    snapshot_root: Path | None = None,
+) -> Driver:
+    """The driver the config names, over this node's networks and sandbox; a process driver needs the
+    agent ``launcher``, a VM driver the ``image`` it boots and its accelerator; VM snapshots are kept
+    under ``snapshot_root`` (None: none)."""
+    match config.machine_driver():
         case "process":
+            assert launcher is not None, "the process driver starts agents with a launcher"
             return ProcessDriver(networks, launcher, sandbox)
-    raise ValueError(f"no driver {config.driver!r}")  # the config's validation names the choices
+        case "qemu":
+            assert image is not None, "a VM driver boots an image"
+            template = config.machine_template
+            spec = VmSpec(
+                qemu=config.qemu_path,
+                kernel=image.kernel,
+                initrd=image.initrd,
+                rootfs=image.rootfs,
+                memory_mib=template.memsize_mib,
+                vcpus=template.vcpu_count,
+                accel=accel,
+                tsc_khz=tsc_khz,
+            )
+            snapshots = snapshot_root / image.digest if snapshot_root and config.vm_snapshots else None
+            return QemuDriver(
+                networks,
+                sandbox,
+                spec,
+                image_digest=image.digest,
+                snapshot_dir=snapshots,
+                boot_timeout=config.vm_boot_timeout_ms / 1000,
+            )
+    raise ValueError(f"no driver {config.machine_driver()!r} here yet")

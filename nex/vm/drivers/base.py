@@ -70,11 +70,17 @@ class MachineContext:
     cleanup: CleanupStack
     metadata: MachineMetadata  # the nkey seed included: never written to disk or an environment
     address: str = ""  # the machine's IP address, once its driver has prepared it
+    boot_allowance: float = 0.0  # seconds its start may take beyond the handshake timeout (a VM's cold boot)
     facts: dict[str, str] = field(default_factory=dict)
 
 
 class Driver(Protocol):
     name: str
+
+    @property
+    def kind(self) -> str:
+        """What isolates a machine, as ``nex ls`` and ``nex info`` show it ("jail", "vm (kvm) + jail")."""
+        ...
 
     async def prepare(self, machine: MachineContext) -> None: ...
 

@@ -15,14 +15,14 @@ import trio
 
 from actors import ResourceRecord
 from nex import ids
-from nex.net import netns
-from nex.net.netns import MachineNetwork
-from nex.net.network import Networks, Plan
+from nex.net.network import Networks
 from nex.sandbox import cgroups
 from nex.sandbox.policy import Sandbox
 from nex.vm.launcher import Launcher, LaunchSpec
 
+from . import network
 from .base import STEM, MachineContext, MachineHandle, NotOurs, Releaser
+from .network import MachineNetworks
 
 
 class ProcessDriver:
@@ -32,52 +32,23 @@ class ProcessDriver:
         self.networks = networks
         self.launcher = launcher
         self.sandbox = sandbox
-        self._network: dict[str, MachineNetwork] = {}  # by vmid: each machine's namespace and link
+        self._networks = MachineNetworks(networks)  # each machine's namespace and link
 
     async def prepare(self, machine: MachineContext) -> None:
         facts: dict[str, object] = {"driver": self.name, "launcher": self.launcher.name}
         facts["sandbox"] = self.sandbox.kind
         if self.networks.namespaced:
-            await self._prepare_network(machine, facts)
+            await self._networks.prepare(machine, facts)
         else:
             facts["network"] = "host loopback"
         cgroup = await self._prepare_cgroup(machine) if self.sandbox.hierarchy is not None else []
-        network = self._network.get(machine.vmid)
+        network = self._networks.get(machine.vmid)
         address = network.address if network is not None else None
         machine.address = address or "127.0.0.1"
         jail = self.sandbox.jail(machine.vmid, self.sandbox.uid_for(address), cgroup)
         machine.metadata = msgspec.structs.replace(machine.metadata, jail=jail, log_budget=self.sandbox.log_budget())
         machine.dir.write_json("driver.json", facts)
         machine.dir.write_json("metadata.json", msgspec.structs.replace(machine.metadata, node_nats_nkey=""))
-
-    async def _prepare_network(self, machine: MachineContext, facts: dict[str, object]) -> None:
-        plan = self.networks.plan(machine.vmid)
-        facts |= {
-            "netns": plan.netns,
-            "host_link": plan.host_link,
-            "guest_link": plan.guest_link,
-            "network": self.networks.network_name,
-            "subnet": str(self.networks.subnet),
-        }
-        machine.dir.write_json("driver.json", facts)  # before the objects it names exist
-        machine.cleanup.push(
-            f"lease of {machine.vmid}",
-            lambda: self.networks.release(machine.vmid),
-            kind="lease",
-            data={"owner": machine.vmid, "network": self.networks.network_name},
-        )
-        machine.cleanup.push(
-            f"netns {plan.netns}",
-            lambda: self._delete_network(machine.vmid, plan),
-            kind="netns",
-            data={"netns": plan.netns, "host_link": plan.host_link},
-        )
-        network = self._network[machine.vmid] = await self.networks.create(plan)
-        machine.dir.note(f"network: netns {plan.netns}, {network.address} via {plan.host_link}")
-
-    async def _delete_network(self, vmid: str, plan: Plan) -> None:
-        self._network.pop(vmid, None)
-        await self.networks.delete(plan)
 
     async def _prepare_cgroup(self, machine: MachineContext) -> list[str]:
         """The machine's cgroup, made with its limits; its directories (the agent joins them)."""
@@ -95,7 +66,7 @@ class ProcessDriver:
         return [str(path) for path in paths]
 
     async def start(self, machine: MachineContext) -> MachineHandle:
-        network = self._network.get(machine.vmid)
+        network = self._networks.get(machine.vmid)
         spec = LaunchSpec(
             metadata=machine.metadata,
             stdout=machine.dir.stdout,
@@ -111,9 +82,13 @@ class ProcessDriver:
     async def stop(self, machine: MachineContext, handle: MachineHandle, grace: float) -> None:
         await handle.stop(grace)
 
+    @property
+    def kind(self) -> str:
+        return self.sandbox.kind
+
     def describe(self, machine: MachineContext) -> dict[str, str]:
         facts = {"driver": self.name, "launcher": self.launcher.name, "sandbox": self.sandbox.kind}
-        network = self._network.get(machine.vmid)
+        network = self._networks.get(machine.vmid)
         if network is not None:
             facts |= {"ip": network.address, "netns": network.netns, "hosttap": network.host_link}
         else:
@@ -123,14 +98,6 @@ class ProcessDriver:
 
 def releasers(networks: Networks, sandbox: Sandbox) -> dict[str, Releaser]:
     """How the next run releases what a process driver's machines left behind (see ``Releaser``)."""
-
-    async def drop_netns(record: ResourceRecord) -> None:
-        await trio.to_thread.run_sync(netns.delete, str(record.data["netns"]), str(record.data["host_link"]))
-
-    async def drop_lease(record: ResourceRecord) -> None:
-        if record.data.get("network") != networks.network_name:
-            raise NotOurs(f"a lease in network {record.data.get('network')!r}, not {networks.network_name}")
-        await networks.release(str(record.data["owner"]))
 
     async def drop_cgroup(record: ResourceRecord) -> None:
         def remove() -> None:
@@ -143,7 +110,6 @@ def releasers(networks: Networks, sandbox: Sandbox) -> dict[str, Releaser]:
         await trio.to_thread.run_sync(remove)
 
     return {
-        "netns": Releaser(drop_netns, {"netns": STEM, "host_link": rf"{STEM}h"}),
-        "lease": Releaser(drop_lease, {"owner": r"[0-9a-v]{20}"}),
+        **network.releasers(networks),
         "cgroup": Releaser(drop_cgroup, {"name": STEM}),
     }

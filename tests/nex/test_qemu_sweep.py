@@ -1,0 +1,136 @@
+"""A VM's start cancelled all along the way, with everything real: nothing may be left behind.
+
+As ``test_machine_sweep`` does for processes, with the QEMU driver: real namespaces, veths, taps, tc
+filters, leases, a real qemu restoring a real snapshot of the guest image, the agent's handshake
+over a real internal nats-server. The template's snapshot is made first (its boot is slow under
+TCG), then run *k* cancels the machine's start after the *k*-th step of the Trio run: every step up
+to the handshake's wait, then a sample of the wait's many steps (each run restores a VM).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from actors import Journal, Mailbox
+from actors.testing import cancel_at_each_checkpoint
+from nex import ids
+from nex.bus.aio import open_asyncio_thread
+from nex.bus.credentials import AgentCredentials
+from nex.bus.link import NatsLink
+from nex.bus.server import NatsServer, free_port
+from nex.config import load
+from nex.net import netns
+from nex.net.network import Networks
+from nex.sandbox.policy import HostSupport, Sandbox
+from nex.vm import kvm
+from nex.vm.drivers.qemu import QemuDriver
+from nex.vm.handshake import HandshakeBook, Handshakes
+from nex.vm.image import GuestImage
+from nex.vm.machine import Machine, MachineDeps, MachineMsg
+from nex.vm.qemu.command import VmSpec
+
+from .support import processes_mentioning
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not netns.has_capabilities(), reason="needs CAP_NET_ADMIN and CAP_SYS_ADMIN (run as root)"),
+]
+
+HOST = HostSupport(privileged=True, namespaced=True, user_namespaces=None, seccomp=None, cgroups="")
+EVERY_STEP_UNTIL = 120  # the steps of prepare and of qemu's start and restore, each swept
+THEN_EVERY = 25  # then a sample of the handshake's
+
+
+@pytest.fixture
+async def vm_parts(tmp_path: Path, guest_image: GuestImage) -> AsyncIterator[tuple[MachineDeps, AgentCredentials]]:
+    config = load(None, {"cni.subnet": "10.213.8.0/24", "cni.network_name": "nextestvm"}).config
+    networks = Networks(config, namespaced=True, lease_root=tmp_path / "leases")
+    spec = VmSpec(
+        qemu=config.qemu_path,
+        kernel=guest_image.kernel,
+        initrd=guest_image.initrd,
+        rootfs=guest_image.rootfs,
+        memory_mib=256,
+        vcpus=1,
+        accel="tcg",
+        tsc_khz=kvm.tcg_tsc_khz(),
+    )
+    driver = QemuDriver(
+        networks,
+        Sandbox(config, HOST),
+        spec,
+        image_digest=guest_image.digest,
+        snapshot_dir=tmp_path / "snapshots",
+        boot_timeout=120,
+    )
+    assert driver.snapshots is not None
+    assert await driver.snapshots.get() is not None, driver.snapshots.failed
+    credentials = AgentCredentials()
+    port = free_port("127.0.0.1")
+    server = NatsServer(
+        "internal", host="0.0.0.0", port=port, work_dir=tmp_path / "nats", extra_config=credentials.render
+    )
+    credentials.attach(server)
+    book = HandshakeBook()
+    async with open_asyncio_thread("vm-sweep-asyncio") as aio, trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        await nursery.start(credentials.run)
+        link = NatsLink("internal", [f"nats://127.0.0.1:{port}"], aio, nkeys_seed_str=credentials.node_seed)
+        await nursery.start(link.run)
+        await nursery.start(Handshakes(link, book.waiting).run, Mailbox(1024, name="handshakes"))
+        deps = MachineDeps(
+            driver=driver,
+            credentials=credentials,
+            handshakes=book,
+            vm_root=tmp_path / "vm",
+            journal=Journal(tmp_path / "journal"),
+            agent_host=networks.agent_host,
+            agent_port=port,
+            handshake_timeout=30.0,
+        )
+        yield deps, credentials
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_vm_start_cancelled_at_every_step_leaves_nothing(
+    vm_parts: tuple[MachineDeps, AgentCredentials], tmp_path: Path
+) -> None:
+    deps, credentials = vm_parts
+    runs: list[str] = []
+    reached_ready = []
+
+    async def scenario() -> None:
+        vmid, seed = await credentials.take()
+        runs.append(vmid)
+        machine = Machine(vmid, seed, deps)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(machine.run, Mailbox[MachineMsg](4, name=vmid))
+            reached_ready.append(vmid)
+            nursery.cancel_scope.cancel()
+
+    def check(step: int) -> None:
+        vmid = runs[-1]
+        where = f"(cancelled after step {step})"
+        assert ids.short(vmid) not in netns.namespaces("nx"), f"netns (and its tap) left {where}"
+        assert ids.host_link(vmid) not in netns.links("nx"), f"veth left {where}"
+        assert deps.driver.nets.networks.ipam.leases() == {}, f"lease left {where}"  # type: ignore[attr-defined]
+        assert not (deps.vm_root / vmid).exists(), f"state dir left {where}"
+        assert deps.journal is not None
+        assert deps.journal.records() == [], f"journal record left {where}"
+        assert credentials.agents() == [], f"credentials left {where}"
+        assert vmid not in deps.handshakes.waiting, f"handshake waiter left {where}"
+        assert processes_mentioning(str(deps.vm_root / vmid)) == {}, f"qemu left {where}"
+        assert list((tmp_path / "snapshots").glob("*.partial")) == [], f"partial snapshot left {where}"
+
+    steps = itertools.chain(range(1, EVERY_STEP_UNTIL), itertools.count(EVERY_STEP_UNTIL, THEN_EVERY))
+    with trio.fail_after(900):
+        swept = await cancel_at_each_checkpoint(scenario, check, steps=steps)
+    print(f"swept {swept} cancellation points")
+    assert swept >= 40, "a VM's start has many steps: netlink, tap, tc, qemu, QMP, restore, identity, handshake"
+    assert reached_ready, "the last run must complete"
+    assert processes_mentioning(str(tmp_path / "vm")) == {}
