@@ -279,6 +279,12 @@ def validate(config: NodeConfig) -> list[str]:
             "processes): drop one at $.driver"
         )
     at_least(config.machine_template.vcpu_count, 1, "$.machine_template.vcpu_count")
+    vcpus = config.machine_template.vcpu_count
+    if config.machine_driver() == "firecracker" and vcpus > 1 and (vcpus % 2 or vcpus > 32):
+        problems.append(
+            "machine_template.vcpu_count must be 1 or an even number up to 32 for Firecracker "
+            "at $.machine_template.vcpu_count"
+        )
     at_least(config.machine_template.memsize_mib, 16, "$.machine_template.memsize_mib")
     at_least(config.machine_template.pids_max, 8, "$.machine_template.pids_max")
     at_least(config.machine_template.disk_mib, 1, "$.machine_template.disk_mib")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import msgspec
 import trio
 
 from nex import __version__, sysinfo
@@ -47,6 +48,15 @@ class NodeState:
         self.stop_reason = ""
         self.failure: BaseException | None = None
         self.running_workloads: Callable[[], int] = lambda: 0
+
+    def machines_are(self, driver: str, kind: str, accel: str = "") -> None:
+        """What the node's machines are, once its driver is open: in ``nex info`` and the tags
+        (``nex.driver``, ``nex.accel`` for VMs, and ``nex.sandbox`` as the whole isolation)."""
+        self.sandbox = msgspec.structs.replace(self.sandbox, kind=kind, driver=driver, accel=accel)
+        self._tags["nex.sandbox"] = kind
+        self._tags["nex.driver"] = driver
+        if accel:
+            self._tags["nex.accel"] = accel
 
     @property
     def node_id(self) -> str:

@@ -24,6 +24,7 @@ import ctypes
 import fcntl
 import os
 import select
+import signal
 import socket
 import struct
 import sys
@@ -60,6 +61,9 @@ def pid1() -> None:
             code = 1
         sys.stderr.flush()
         os._exit(code)
+    # Ctrl-Alt-Del (Firecracker's stop) reaches init as SIGINT: the agent stops its workload and exits
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: os.kill(agent, signal.SIGTERM))
     code = 1
     while True:
         try:
@@ -88,12 +92,16 @@ def agent_main() -> int:
     from nex.agent import main as agent  # the heavy imports: done before ready, so clones skip them
     from nex.api import agent as api
 
-    channel = _open_channel()
-    try:
-        os.write(channel, msgspec.json.encode(api.GuestReady(pid=os.getpid())) + b"\n")
-        raw = _read_line(channel)
-    finally:
-        os.close(channel)
+    mmds = "nex.identity=mmds" in Path("/proc/cmdline").read_text().split()
+    if mmds:  # Firecracker: nex v0.2's way
+        raw = _from_mmds()
+    else:
+        channel = _open_channel()
+        try:
+            os.write(channel, msgspec.json.encode(api.GuestReady(pid=os.getpid())) + b"\n")
+            raw = _read_line(channel)
+        finally:
+            os.close(channel)
     try:
         identity = msgspec.json.decode(raw, type=api.GuestIdentity)
     except msgspec.DecodeError as exc:
@@ -101,9 +109,23 @@ def agent_main() -> int:
         return 2
     begun = time.monotonic()
     take_identity(identity)
+    if mmds:  # it holds the agent's seed: out of the workload's reach from now on
+        unreachable(MMDS_ADDRESS)
     log(f"took the identity of {identity.metadata.vmid} in {(time.monotonic() - begun) * 1000:.1f} ms")
     os.chdir(WORKDIR)
     return agent.run_with(identity.metadata)
+
+
+def _from_mmds() -> bytes:
+    """The identity Firecracker's MMDS holds, over a link-local address on eth0 that the real one
+    then replaces (an ``SIOCSIFADDR`` sets the interface's first address)."""
+    from nex.agent import mmds
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        fcntl.ioctl(sock, SIOCSIFADDR, _ifreq("eth0", _sockaddr("169.254.0.2")))
+        fcntl.ioctl(sock, SIOCSIFNETMASK, _ifreq("eth0", _sockaddr("255.255.0.0")))
+        _link_up(sock, "eth0")
+    return mmds.fetch_metadata(timeout=MMDS_TIMEOUT)
 
 
 def _open_channel() -> int:
@@ -160,7 +182,9 @@ SIOCSIFADDR = 0x8916
 SIOCSIFNETMASK = 0x891C
 SIOCADDRT = 0x890B
 IFF_UP = 0x1
-RTF_UP, RTF_GATEWAY, RTF_HOST = 0x1, 0x2, 0x4
+RTF_UP, RTF_GATEWAY, RTF_HOST, RTF_REJECT = 0x1, 0x2, 0x4, 0x200
+MMDS_ADDRESS = "169.254.169.254"
+MMDS_TIMEOUT = 10.0
 
 
 def configure_network(address: str, prefixlen: int, gateway: str, device: str = "eth0") -> None:
@@ -175,6 +199,13 @@ def configure_network(address: str, prefixlen: int, gateway: str, device: str = 
         _link_up(sock, device)
         _add_route(sock, gateway, "255.255.255.255", "0.0.0.0", RTF_UP | RTF_HOST, device)
         _add_route(sock, "0.0.0.0", "0.0.0.0", gateway, RTF_UP | RTF_GATEWAY, device)
+
+
+def unreachable(address: str) -> None:
+    """A reject route to ``address`` (``ip route add unreachable``): a workload without CAP_NET_ADMIN
+    in the VM's network namespace cannot remove it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        _add_route(sock, address, "255.255.255.255", "0.0.0.0", RTF_UP | RTF_HOST | RTF_REJECT, "lo")
 
 
 def _sockaddr(address: str) -> bytes:

@@ -116,6 +116,8 @@ class SandboxInfo(msgspec.Struct, omit_defaults=True):
     kind: str
     unsafe: bool
     protections: list[SandboxProtection] = []
+    driver: str = ""  # what a machine is: "process", "qemu", "firecracker"
+    accel: str = ""  # a VM driver's accelerator: "kvm", or "tcg" (emulated)
 
 
 class ActorSummary(msgspec.Struct, omit_defaults=True):

@@ -87,6 +87,9 @@ def _sandbox(sandbox: control.SandboxInfo) -> Text:
     if sandbox.kind == "none":
         return Text("none: workloads run as root on the host, unlimited (no_sandbox)", style="bold red")
     text = Text(f"{sandbox.kind}{' (incomplete: nex.unsafe)' if sandbox.unsafe else ''}")
+    if sandbox.driver and sandbox.driver != "process":
+        emulated = " (emulated: no KVM here)" if sandbox.accel == "tcg" else ""
+        text.append(f"\n  machines: {sandbox.driver} VMs, {sandbox.accel or 'unknown accelerator'}{emulated}")
     for layer in sandbox.protections:
         style = "" if layer.state == "on" else "yellow"
         detail = f": {layer.detail}" if layer.detail else ""

@@ -34,7 +34,7 @@ from nex.config import NodeConfig
 from nex.net import netns
 from nex.net.network import Networks
 from nex.sandbox.policy import Sandbox
-from nex.vm.drivers import process, qemu
+from nex.vm.drivers import firecracker, process, qemu
 from nex.vm.drivers.base import STEM, NotOurs, Releaser
 
 log = logs.get("nex.node")
@@ -126,6 +126,7 @@ class HostObjects:
             "fence": Releaser(self._drop_fence, {"table": STEM}),
             **process.releasers(self.networks, self.sandbox),
             **qemu.releasers(self.networks),  # whatever driver the last run had
+            **firecracker.releasers(self.networks),
         }
         guarded = {kind: _only_ours(kind, releaser) for kind, releaser in releasers.items()}
         return await recover(journal, guarded)

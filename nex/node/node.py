@@ -66,13 +66,12 @@ from nex.state import NodeState
 from nex.vm import image as guest_image
 from nex.vm import kvm, pool
 from nex.vm.drivers import open_driver
-from nex.vm.drivers.base import Driver
+from nex.vm.drivers.base import Driver, DriverUnavailable
 from nex.vm.handshake import HandshakeBook, Handshakes
 from nex.vm.launcher import SpawnLauncher, ZygoteLauncher
 from nex.vm.machine import MachineDeps, RunningWorkload
 from nex.vm.pool import Pool, PoolBook, ServerRestarted
 from nex.vm.qemu.boot import BootImage, ImageError, configured_image, vm_accel
-from nex.vm.qemu.vm import VmFailed
 from nex.workload import manager
 
 from .control import ControlApi
@@ -272,8 +271,10 @@ class Node:
         if self.config.machine_driver() == "process":
             launcher = ZygoteLauncher(self.state_dir) if self.config.agent_launcher == "zygote" else SpawnLauncher()
             driver = open_driver(self.config, networks, sandbox, launcher=launcher)
+            state.machines_are(driver.name, driver.kind)
         else:
-            driver = await self._open_vm_driver(networks, sandbox)
+            driver, accel = await self._open_vm_driver(networks, sandbox)
+            state.machines_are(driver.name, driver.kind, accel)
         handshakes = HandshakeBook()
         machines = DynamicSupervisor("machines")
         workload_mailbox = manager.mailbox()
@@ -344,17 +345,19 @@ class Node:
         self._tree_started = True
         return publisher
 
-    async def _open_vm_driver(self, networks: Networks, sandbox: Sandbox) -> Driver:
-        """The VM driver, over the configured image or the node's own (built now if it is not yet)."""
+    async def _open_vm_driver(self, networks: Networks, sandbox: Sandbox) -> tuple[Driver, str]:
+        """The VM driver and its accelerator, over the configured image or the node's own (built now
+        if it is not yet)."""
         try:
             image: BootImage | None = configured_image(self.config)
         except ImageError as exc:
             raise NodeError(str(exc)) from None
         if image is None:
             image = await self._guest_image()
-        accel = await vm_accel(self.config, image)
+        # Firecracker runs on KVM only (preflight refuses it without)
+        accel = "kvm" if self.config.machine_driver() == "firecracker" else await vm_accel(self.config, image)
         try:
-            return open_driver(
+            driver = open_driver(
                 self.config,
                 networks,
                 sandbox,
@@ -363,8 +366,9 @@ class Node:
                 tsc_khz=kvm.tcg_tsc_khz(),
                 snapshot_root=self.state_dir / "snapshots",
             )
-        except VmFailed as exc:
+        except DriverUnavailable as exc:
             raise NodeError(str(exc)) from None
+        return driver, accel
 
     async def _guest_image(self) -> BootImage:
         cached = await trio.to_thread.run_sync(guest_image.cached_image, self.state_dir)

@@ -19,8 +19,8 @@ Python and site-packages are not what runs in the guest, and a CI host may diffe
   ``nex-python-ok`` and powers off: does this image work?) and ``nex.rw_mib=N`` (size of the
   writable tmpfs; the kernel's default, half the guest's memory, otherwise). The disk is found by
   microvm's ACPI tables (``CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`` is off in this kernel). On any
-  failure it prints one line starting ``nex-init:`` and reboots, which ends a VM run with
-  ``-no-reboot``: the console never offers a shell.
+  failure it prints one line starting ``nex-init:`` and powers off (a reboot if that fails, which
+  ends a VM run with ``-no-reboot`` too): the console never offers a shell.
 - **Root filesystem** (``rootfs.ext4``): Debian's python3.11 and the few libraries it loads,
   unpacked with ``dpkg-deb -x`` (no maintainer scripts, no chroot installs, about 7 s where
   mmdebstrap takes 27); the agent's dependencies as wheels pinned to the versions installed on the

@@ -9,14 +9,16 @@
 #   nex.check=1     hand over to a python that imports nex.agent.main, prints "nex-python-ok" and
 #                   powers off, instead of the agent (a check of the image)
 #   nex.rw_mib=N    size of the tmpfs that holds the overlay's writable layer [default: the kernel's]
-# On any failure it prints one line "nex-init: WHAT FAILED" and reboots, which ends a VM run with
-# -no-reboot: never a shell on the console.
+# On any failure it prints one line "nex-init: WHAT FAILED" and powers off (ACPI, which ends qemu at
+# once; a reboot, the fallback, ends a VM run with -no-reboot but only after the kernel has tried its
+# reboot methods in turn, seconds under TCG): never a shell on the console.
 
 PATH=/bin
 export PATH
 
 fail() {
 	echo "nex-init: $*"
+	poweroff -f
 	reboot -f
 	exit 1
 }

@@ -285,10 +285,24 @@ def test_bad_config_exits_2_naming_the_path(home: Path, config: dict[str, object
     assert not (node.state_dir).exists(), "nothing is started or created for a bad config"
 
 
-def test_the_seed_sample_config_loads_as_written(home: Path, nats_server: NatsServerProc, bus: Bus) -> None:
+def test_the_seed_sample_config_loads_as_written_and_means_vms(
+    home: Path, nats_server: NatsServerProc, bus: Bus
+) -> None:
+    """nex's sample names a kernel and a rootfs: it asks for VMs, and a node never quietly runs
+    processes instead. Its paths are another host's, so the node refuses, naming each and the fix."""
     path = home / "machineconfig.json"
     path.write_text(json.dumps(SEED_SAMPLE))
-    node = NodeProcess(home, "--config", str(path), server=nats_server.url).start(bus)
+    node = NodeProcess(home, "--config", str(path), server=nats_server.url)
+    node.start()
+    assert node.wait() != 0
+    log = node.log()
+    assert "unknown key" not in log
+    assert "the qemu driver cannot work on this host" in log
+    assert f"kernel_path {SEED_SAMPLE['kernel_path']} does not exist" in log
+    assert "nex image build" in log
+    assert not (home / "node").exists(), "a refused start changes nothing"
+    # the same file with the process driver named, as an operator without VMs would run it
+    node = NodeProcess(home, "--config", str(path), "--driver", "process", server=nats_server.url).start(bus)
     assert "unknown key" not in node.log()
     assert node.stop() == 0
 

@@ -117,11 +117,16 @@ def test_a_guest_configures_its_link_as_cni_ptp_does_without_any_ip_command() ->
         "ip link add eth0 type veth peer name p0 && "
         f"{sys.executable} -c 'from nex.agent.guest import configure_network; "
         'configure_network("192.168.127.9", 32, "192.168.127.1")\' && '
+        f"{sys.executable} -c 'from nex.agent.guest import unreachable; unreachable(\"169.254.169.254\")' && "
         "ip -o -4 addr show dev eth0 && ip -o link show lo && ip route"
     )
     shown = subprocess.run(["unshare", "-n", "sh", "-c", script], capture_output=True, text=True, check=False)
     assert shown.returncode == 0, shown.stderr
     assert "inet 192.168.127.9/32" in shown.stdout
     assert "<LOOPBACK,UP" in shown.stdout
-    routes = [line.replace(" linkdown", "").strip() for line in shown.stdout.splitlines()[-2:]]
-    assert routes == ["default via 192.168.127.1 dev eth0", "192.168.127.1 dev eth0 scope link"]
+    routes = [line.replace(" linkdown", "").strip() for line in shown.stdout.splitlines()[-3:]]
+    assert routes == [
+        "default via 192.168.127.1 dev eth0",
+        "unreachable 169.254.169.254 scope host",  # MMDS, which holds a Firecracker agent's seed
+        "192.168.127.1 dev eth0 scope link",
+    ]

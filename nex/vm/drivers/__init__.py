@@ -17,6 +17,7 @@ from nex.vm.qemu.boot import BootImage
 from nex.vm.qemu.command import VmSpec
 
 from .base import Driver
+from .firecracker import FirecrackerDriver, Jailer
 from .process import ProcessDriver
 from .qemu import QemuDriver
 
@@ -61,4 +62,17 @@ def open_driver(
                 snapshot_dir=snapshots,
                 boot_timeout=config.vm_boot_timeout_ms / 1000,
             )
-    raise ValueError(f"no driver {config.machine_driver()!r} here yet")
+        case "firecracker":
+            assert image is not None, "a VM driver boots an image"
+            return FirecrackerDriver(
+                networks,
+                sandbox,
+                kernel=image.kernel,
+                rootfs=image.rootfs,
+                initrd=image.initrd,
+                template=config.machine_template,
+                firecracker=config.firecracker_path,
+                jailer=Jailer(config.jailer_path) if config.jailer_path else None,
+                boot_timeout=config.vm_boot_timeout_ms / 1000,
+            )
+    raise ValueError(f"no driver {config.machine_driver()!r}")  # the config's validation names the choices

@@ -50,6 +50,10 @@ class MachineHandle(Protocol):
 STEM = r"nx[0-9a-f]{10}"
 
 
+class DriverUnavailable(Exception):
+    """The driver cannot work on this host or with this config (the message says why and what to do)."""
+
+
 class NotOurs(Exception):
     """A journal record this node could not have written."""
 

@@ -56,7 +56,7 @@ from nex.vm.firecracker import api
 from nex.vm.state import process_start_time
 
 from . import network as machine_network
-from .base import MachineContext, MachineHandle, NotOurs, Releaser
+from .base import DriverUnavailable, MachineContext, MachineHandle, NotOurs, Releaser
 
 #: Firecracker's usual command line (flintlock's and the getting-started guide's), then what the guest
 #: needs: ``nex.identity=mmds`` tells the agent where its identity comes from. Firecracker adds
@@ -110,10 +110,14 @@ class FirecrackerDriver:
         boot_args: str = BOOT_ARGS,
     ) -> None:
         if not networks.namespaced:
-            raise RuntimeError("Firecracker VMs need a network namespace each: run the node as root (CAP_NET_ADMIN)")
+            raise DriverUnavailable(
+                "Firecracker VMs need a network namespace each: run the node as root (CAP_NET_ADMIN)"
+            )
         vcpus = template.vcpu_count
         if not (vcpus == 1 or (vcpus % 2 == 0 and 2 <= vcpus <= 32)):
-            raise ValueError(f"Firecracker takes 1 or an even number of vCPUs up to 32, not {vcpus}")
+            raise DriverUnavailable(
+                f"Firecracker takes 1 or an even number of vCPUs up to 32, not {vcpus} (machine_template.vcpu_count)"
+            )
         self.nets = machine_network.MachineNetworks(networks)
         self.sandbox = sandbox
         self.kernel, self.rootfs, self.initrd = kernel, rootfs, initrd
@@ -130,7 +134,7 @@ class FirecrackerDriver:
     async def prepare(self, machine: MachineContext) -> None:
         vmid = machine.vmid
         tap = tap_name(vmid)
-        facts: dict[str, object] = {"driver": self.name, "sandbox": self._sandbox(), "tap": tap}
+        facts: dict[str, object] = {"driver": self.name, "sandbox": self.kind, "tap": tap}
         facts |= {"firecracker": self.firecracker, "jailer": self.jailer.binary if self.jailer else ""}
         facts["start"] = "snapshot" if self.snapshot is not None else "cold boot"
         network = await self.nets.prepare(machine, facts)  # writes driver.json, tap named, before it exists
@@ -210,8 +214,9 @@ class FirecrackerDriver:
             mmds_config=api.MmdsConfig(version="V2", network_interfaces=[IFACE]),
         )
 
-    def _sandbox(self) -> str:
-        return f"vm (firecracker) + {self.sandbox.kind}"
+    @property
+    def kind(self) -> str:
+        return f"vm (kvm) + {self.sandbox.kind}"
 
     # -- start ---------------------------------------------------------------------------------------
 
@@ -280,7 +285,7 @@ class FirecrackerDriver:
         await handle.stop(grace)
 
     def describe(self, machine: MachineContext) -> dict[str, str]:
-        facts = {"driver": self.name, "sandbox": self._sandbox()}
+        facts = {"driver": self.name, "sandbox": self.kind}
         vm = self._vms.get(machine.vmid)
         if vm is not None:
             facts |= {"ip": vm.network.address, "netns": vm.network.netns, "hosttap": vm.tap}

@@ -39,7 +39,7 @@ from nex.vm.qemu.snapshots import Snapshots
 from nex.vm.qemu.vm import QemuVm, VmFailed, launch
 
 from . import network as machine_network
-from .base import MachineContext, MachineHandle, NotOurs, Releaser
+from .base import DriverUnavailable, MachineContext, MachineHandle, NotOurs, Releaser
 
 STOP_GRACE = 2.0
 TCG_CLONE_ALLOWANCE = 15.0
@@ -67,7 +67,7 @@ class QemuDriver:
         boot_timeout: float,
     ) -> None:
         if not networks.namespaced:
-            raise VmFailed("VMs need a network namespace each: run the node as root (with CAP_NET_ADMIN)")
+            raise DriverUnavailable("VMs need a network namespace each: run the node as root (with CAP_NET_ADMIN)")
         self.nets = machine_network.MachineNetworks(networks)
         self.sandbox = sandbox
         self.spec = spec
