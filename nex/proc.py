@@ -30,7 +30,7 @@ shim for ``setns`` alone, not for the death signal, which only the child can set
 The shim arms the death signal, then checks that its parent is still the node (a node that died
 before that would never signal it), resets the signals Python ignores at start (SIGPIPE, SIGXFSZ: an
 ignored signal stays ignored across exec), and exits 1 if the node is gone, 126 if it cannot enter
-the namespace and 127 if the program cannot be executed, saying why on its stderr.
+the namespace, 125 if it cannot join its cgroup and 127 if the program cannot be executed, saying why on its stderr.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from nex import affinity, linux
 
 _EXEC_SHIM = f"""
 import ctypes, os, signal, sys
-parent, netns, cpus, *argv = sys.argv[1:]
+parent, netns, cpus, cgroups, *argv = sys.argv[1:]
 def fail(code, what):
     os.write(2, f"nex: cannot start {{argv[0]}}: {{what}}\\n".encode(errors="replace"))
     os._exit(code)
@@ -65,6 +65,12 @@ if netns != "-":
     if libc.setns(int(netns), {linux.CLONE_NEWNET}) != 0:
         fail(126, "entering its network namespace: " + os.strerror(ctypes.get_errno()))
     os.close(int(netns))
+for procs in cgroups.split(":") if cgroups != "-" else ():
+    try:
+        with open(procs + "/cgroup.procs", "w") as joined:
+            joined.write("0")
+    except OSError as exc:
+        fail(125, f"joining its cgroup {{procs}}: {{exc.strerror}}")
 signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
 try:
@@ -72,13 +78,15 @@ try:
 except OSError as exc:
     fail(127, exc.strerror or str(exc))
 """
-"""Run as ``python -I -S -c _EXEC_SHIM PARENT NETNS_FD|- CPUS PROGRAM ARGS...`` (see the module docstring)."""
+"""Run as ``python -I -S -c _EXEC_SHIM PARENT NETNS_FD|- CPUS CGROUPS|- PROGRAM ARGS...`` (see the
+module docstring); CGROUPS: the cgroup directories to join, ``:``-separated."""
 
 
-def _shim_argv(argv: Sequence[str], parent: int, netns_fd: int) -> list[str]:
+def _shim_argv(argv: Sequence[str], parent: int, netns_fd: int, cgroups: Sequence[Path] = ()) -> list[str]:
     cpus = ",".join(str(cpu) for cpu in sorted(affinity.ORIGINAL))
     netns = str(netns_fd) if netns_fd >= 0 else "-"
-    return [sys.executable, "-I", "-S", "-c", _EXEC_SHIM, str(parent), netns, cpus, *argv]
+    joined = ":".join(str(path) for path in cgroups) or "-"
+    return [sys.executable, "-I", "-S", "-c", _EXEC_SHIM, str(parent), netns, cpus, joined, *argv]
 
 
 class ChildProcess:
@@ -146,11 +154,13 @@ def spawn(
     stderr: int | None = subprocess.DEVNULL,
     netns: Path | None = None,
     pass_fds: Sequence[int] = (),
+    cgroups: Sequence[Path] = (),
 ) -> ChildProcess:
     """Start ``argv`` tied to this process's life (see the module docstring). Call from the Trio thread.
 
     ``netns``: a network namespace (``/run/netns/…``) the child enters before exec.
     ``pass_fds``: descriptors the child keeps (every other one is closed).
+    ``cgroups``: cgroup directories the child joins before exec (so all it ever runs is inside).
 
     Raises:
         OSError: the program cannot be found or executed (checked here: the child could only exit).
@@ -168,7 +178,7 @@ def spawn(
     netns_fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC) if netns is not None else -1
     try:
         popen = subprocess.Popen(
-            _shim_argv(argv, parent, netns_fd),
+            _shim_argv(argv, parent, netns_fd, cgroups),
             env=environment,
             cwd=cwd,
             stdin=subprocess.DEVNULL,

@@ -4,7 +4,7 @@ Stage 1 of the guest image (see :mod:`nex.vm.image`) mounts the read-only root w
 on it and ``switch_root``\\ s here. PID 1 must reap every orphan in the VM, and the agent must not be
 PID 1 (a process the kernel never signals by default, and whose ``waitpid(-1)`` loop would steal the
 exit statuses the agent waits for): so PID 1 forks, the child is the agent, and PID 1 only reaps until
-the agent exits, then ends the VM (``reboot``; VMs run with ``-no-reboot``, so qemu exits).
+the agent exits, then powers the VM off (qemu and Firecracker exit).
 
 The agent imports everything it will need, then says :class:`~nex.api.agent.GuestReady` on its channel
 and waits for its :class:`~nex.api.agent.GuestIdentity`. A template VM is saved as a snapshot at that
@@ -36,6 +36,7 @@ VIRTIO_PORTS = Path("/sys/class/virtio-ports")
 WORKDIR = "/var/lib/nex"
 RNDADDENTROPY = 0x40085203
 RNDRESEEDCRNG = 0x5207
+RB_POWER_OFF = 0x4321FEDC
 RB_AUTOBOOT = 0x01234567
 MAX_IDENTITY = 1 << 20
 PORT_WAIT = 10.0  # seconds the agent waits for its port's device to appear
@@ -78,8 +79,11 @@ def pid1() -> None:
     log(f"the agent exited with code {code}; stopping the VM")
     os.sync()
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.reboot(RB_AUTOBOOT)
-    os._exit(code)  # only if the reboot was refused
+    # qemu's microvm powers off by ACPI at once (a reset under TCG takes seconds); Firecracker has no
+    # ACPI power-off, and exits on the reset its ``reboot=k`` asks for
+    firecracker = "nex.identity=mmds" in Path("/proc/cmdline").read_text().split()
+    libc.reboot(RB_AUTOBOOT if firecracker else RB_POWER_OFF)
+    os._exit(code)  # only if it was refused
 
 
 # -- the agent's side --------------------------------------------------------------------------------

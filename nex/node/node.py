@@ -271,6 +271,7 @@ class Node:
         if self.config.machine_driver() == "process":
             launcher = ZygoteLauncher(self.state_dir) if self.config.agent_launcher == "zygote" else SpawnLauncher()
             driver = open_driver(self.config, networks, sandbox, launcher=launcher)
+            accel = ""
             state.machines_are(driver.name, driver.kind)
         else:
             driver, accel = await self._open_vm_driver(networks, sandbox)
@@ -288,7 +289,7 @@ class Node:
             agent_port=internal_port,
             handshake_timeout=self.config.agent_handshake_timeout_ms / 1000,
             ping_interval=self.config.agent_ping_interval_ms / 1000,
-            ping_timeout=self.config.agent_ping_timeout_ms / 1000,
+            ping_timeout=_ping_timeout(self.config, accel),
             internal=internal_link,
             ended=manager.notify_machine_ended(ActorRef(workload_mailbox)),
         )
@@ -565,6 +566,16 @@ def _remove_empty_dirs(root: Path) -> None:
             path.rmdir()
     with contextlib.suppress(OSError):
         root.rmdir()
+
+
+TCG_PING_TIMEOUT = 3.0
+"""At least this long for an emulated VM's agent to answer a ping: TCG translates each code path the
+first time it runs, and a clone's first answers take a second or more."""
+
+
+def _ping_timeout(config: NodeConfig, accel: str) -> float:
+    timeout = config.agent_ping_timeout_ms / 1000
+    return max(timeout, TCG_PING_TIMEOUT) if accel == "tcg" else timeout
 
 
 def _agents_started_by(launcher: ZygoteLauncher | SpawnLauncher | None) -> str:

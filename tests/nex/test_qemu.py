@@ -23,7 +23,17 @@ from nex.api import control
 from nex.net import netns
 from nex.node import host
 
-from .support import Bus, NatsServerProc, NodeProcess, host_objects, processes_mentioning, run_cli, wait_gone
+from .support import (
+    Bus,
+    NatsServerProc,
+    NodeProcess,
+    host_objects,
+    journaled_names,
+    names_in,
+    processes_mentioning,
+    run_cli,
+    wait_gone,
+)
 from .test_workloads import echo_env, echo_request, reach
 from .workloads import Binaries
 
@@ -99,7 +109,15 @@ def test_a_vm_pool_restored_from_a_snapshot_runs_the_echo_service_and_is_release
     assert len(vm_processes) == 2, vm_processes
     assert all("-incoming" in cmd for cmd in vm_processes.values())
     for cmd in vm_processes.values():  # nothing of the machine's identity is on the command line
-        assert "SU" not in re.findall(r"\bSU[A-Z0-9]{20,}", cmd)
+        assert not re.findall(r"\bSU[A-Z0-9]{20,}", cmd)
+    for pid in vm_processes:  # qemu itself is confined: its machine's uid, its own seccomp, a cgroup
+        status = Path(f"/proc/{pid}/status").read_text()
+        uids = re.search(r"^Uid:\s+(.*)$", status, re.M)
+        assert uids is not None
+        assert "0" not in uids.group(1).split(), "qemu runs as its machine's unprivileged uid"
+        assert re.search(r"^Seccomp:\s+2$", status, re.M), "qemu runs under its -sandbox filter"
+        assert re.search(r"^CapEff:\s+0+$", status, re.M)
+        assert "/nx" in Path(f"/proc/{pid}/cgroup").read_text(), "qemu runs in its machine's cgroup"
 
     (home / "bin").mkdir()
     (home / "bin" / "echo").write_bytes(binaries.echo)
@@ -107,7 +125,7 @@ def test_a_vm_pool_restored_from_a_snapshot_runs_the_echo_service_and_is_release
     events = obus.collect("$NEX.events.default.*")
     logs = obus.collect(f"$NEX.logs.default.{node.node_id}.echo.*")
     env_args = [f"--env={k}={v}" for k, v in echo_env(open_nats_server, "vm.echo", "sealed-").items()]
-    run = run_cli("run", str(home / "bin" / "echo"), *env_args, "--json", env=user, timeout=120)
+    run = run_cli("run", str(home / "bin" / "echo"), *env_args, "--json", "--timeout", "60s", env=user, timeout=120)
     assert run.returncode == 0, run.stderr + node.log()
     response = msgspec.json.decode(run.stdout, type=control.RunResponse)
     # it answers from inside the VM, with the prefix only its sealed environment holds
@@ -150,7 +168,7 @@ def test_clones_of_one_snapshot_draw_different_random_numbers_and_keep_the_hosts
     logs = bus.collect(f"$NEX.logs.default.{node.node_id}.>")
     drawn = []
     for name in ("first", "second"):
-        run = run_cli("run", str(binary), "--name", name, "--json", env=user, timeout=120)
+        run = run_cli("run", str(binary), "--name", name, "--json", "--timeout", "60s", env=user, timeout=120)
         assert run.returncode == 0, run.stderr + node.log()
         vmid = msgspec.json.decode(run.stdout, type=control.RunResponse).id
         line = logs.wait(f".{name}.{vmid}", timeout=60)["text"]
@@ -185,17 +203,17 @@ def test_a_node_killed_with_its_vms_running_leaves_nothing_after_the_next_start(
 
     node.signal(signal.SIGKILL)
     node.wait()
+    held = journaled_names(node.state_dir) - {node_stem}  # what the killed run's machines held
+    assert {ids.short(m.id) for m in pool} <= held
     assert wait_gone(vm_pids, timeout=30) == [], "qemu dies with its node"
     node.start(bus, timeout=START_TIMEOUT)
     ready(node, bus, 2)
     # the restart reused the snapshot, and released what the killed run left
     assert "Booting the template VM" not in node.log().split("Starting nex node")[-1]
-    # (the node's own link and fence table come back under the same names: only the machines' count)
-    machines = {kind: {name for name in made[kind] if not name.startswith(node_stem)} for kind in made}
-    machines["leases"] = set()  # an address may be leased again: a lease is the old run's by its owner
-    old_leases = [lease for lease in host_objects()["leases"] if leased_to(lease) & {m.id for m in pool}]
-    assert not old_leases
-    left = {kind: sorted(found & machines.get(kind, set())) for kind, found in host_objects().items()}
+    # (the node's own link and fence table come back under the same names: only the machines' count;
+    # an address may be leased again, so a lease is the old run's by its owner)
+    left = {kind: sorted(o for o in found if names_in(o) & held) for kind, found in host_objects().items()}
+    left["leases"] = [lease for lease in host_objects()["leases"] if leased_to(lease) & held]
     assert not any(left.values()), left
     assert qemus(str(node.state_dir)).keys().isdisjoint(vm_pids)
     assert node.stop() == 0

@@ -14,7 +14,6 @@ import msgspec
 import trio
 
 from actors import ResourceRecord
-from nex import ids
 from nex.net.network import Networks
 from nex.sandbox import cgroups
 from nex.sandbox.policy import Sandbox
@@ -22,6 +21,7 @@ from nex.vm.launcher import Launcher, LaunchSpec
 
 from . import network
 from .base import STEM, MachineContext, MachineHandle, NotOurs, Releaser
+from .cgroup import prepare_cgroup
 from .network import MachineNetworks
 
 
@@ -41,7 +41,7 @@ class ProcessDriver:
             await self._networks.prepare(machine, facts)
         else:
             facts["network"] = "host loopback"
-        cgroup = await self._prepare_cgroup(machine) if self.sandbox.hierarchy is not None else []
+        cgroup = await prepare_cgroup(machine, self.sandbox, self.sandbox.limits())
         network = self._networks.get(machine.vmid)
         address = network.address if network is not None else None
         machine.address = address or "127.0.0.1"
@@ -49,21 +49,6 @@ class ProcessDriver:
         machine.metadata = msgspec.structs.replace(machine.metadata, jail=jail, log_budget=self.sandbox.log_budget())
         machine.dir.write_json("driver.json", facts)
         machine.dir.write_json("metadata.json", msgspec.structs.replace(machine.metadata, node_nats_nkey=""))
-
-    async def _prepare_cgroup(self, machine: MachineContext) -> list[str]:
-        """The machine's cgroup, made with its limits; its directories (the agent joins them)."""
-        hierarchy = self.sandbox.hierarchy
-        assert hierarchy is not None
-        name, parent = ids.short(machine.vmid), self.sandbox.config.sandbox.cgroup_parent
-        machine.cleanup.push(
-            f"cgroup {name}",
-            lambda: trio.to_thread.run_sync(hierarchy.remove, name, parent),
-            kind="cgroup",
-            data={"name": name, "parent": parent},
-        )
-        paths = await trio.to_thread.run_sync(hierarchy.create, name, self.sandbox.limits(), parent)
-        machine.dir.note(f"cgroup {name}: {', '.join(str(p) for p in paths)}")
-        return [str(path) for path in paths]
 
     async def start(self, machine: MachineContext) -> MachineHandle:
         network = self._networks.get(machine.vmid)

@@ -33,6 +33,7 @@ from nex import ids
 from nex.api import agent as agent_api
 from nex.net import tap as taps
 from nex.net.network import Networks
+from nex.sandbox.cgroups import Limits
 from nex.sandbox.policy import Sandbox
 from nex.vm.qemu.command import VmSpec
 from nex.vm.qemu.snapshots import Snapshots
@@ -40,8 +41,11 @@ from nex.vm.qemu.vm import QemuVm, VmFailed, launch
 
 from . import network as machine_network
 from .base import DriverUnavailable, MachineContext, MachineHandle, NotOurs, Releaser
+from .cgroup import prepare_cgroup
 
 STOP_GRACE = 2.0
+QEMU_OVERHEAD_MIB = 256
+QEMU_PIDS = 64
 TCG_CLONE_ALLOWANCE = 15.0
 """Seconds a restored clone may take beyond the handshake timeout under TCG: its memory is the
 template's, but TCG translates every guest instruction it runs anew (the translation cache is not
@@ -72,8 +76,13 @@ class QemuDriver:
         self.sandbox = sandbox
         self.spec = spec
         self.boot_timeout = boot_timeout
-        self.snapshots = Snapshots(spec, snapshot_dir, image_digest, boot_timeout) if snapshot_dir else None
+        self.snapshots = (
+            Snapshots(spec, snapshot_dir, image_digest, boot_timeout, runas=sandbox.uid_for(None))
+            if snapshot_dir
+            else None
+        )
         self._restore_from: dict[str, Path | None] = {}
+        self._confined: dict[str, tuple[int, list[str]]] = {}  # by vmid: qemu's uid and cgroup
 
     async def prepare(self, machine: MachineContext) -> None:
         facts: dict[str, object] = {"driver": self.name, "accel": self.spec.accel, "sandbox": self.kind}
@@ -82,7 +91,10 @@ class QemuDriver:
         await trio.to_thread.run_sync(taps.add_redirected_tap, network.netns_path, network.guest_link, tap)
         machine.dir.note(f"tap {tap} redirected with {network.guest_link}")
         machine.address = network.address
-        jail = self.sandbox.jail(machine.vmid, self.sandbox.uid_for(network.address), [])
+        uid = self.sandbox.uid_for(network.address)  # the machine's own: qemu runs as it on the host
+        cgroup = await prepare_cgroup(machine, self.sandbox, self._limits())
+        self._confined[machine.vmid] = (uid, cgroup)
+        jail = self.sandbox.jail(machine.vmid, uid, [])
         if jail is not None:  # the guest has neither the host's cgroups nor its paths to bind
             jail = msgspec.structs.replace(jail, mounts=[], cgroup=[], own_network=False, rootless=False)
         machine.metadata = msgspec.structs.replace(machine.metadata, jail=jail, log_budget=self.sandbox.log_budget())
@@ -92,6 +104,16 @@ class QemuDriver:
         facts |= {"tap": tap, "start": "snapshot" if snapshot else "cold boot"}
         machine.dir.write_json("driver.json", facts)
         machine.dir.write_json("metadata.json", msgspec.structs.replace(machine.metadata, node_nats_nkey=""))
+
+    def _limits(self) -> Limits:
+        """qemu's cgroup: the guest's memory plus qemu's own (its code, TCG's cache, device state), its
+        vCPUs' worth of CPU, and the few threads it runs."""
+        return Limits(
+            memory_bytes=(self.spec.memory_mib + QEMU_OVERHEAD_MIB) << 20,
+            cpus=self.spec.vcpus,
+            pids_max=QEMU_PIDS,
+            cpuset=self.sandbox.config.machine_template.cpuset,
+        )
 
     def _clone_allowance(self) -> float:
         return TCG_CLONE_ALLOWANCE if self.spec.accel == "tcg" else 0.0
@@ -114,7 +136,15 @@ class QemuDriver:
         # journaled before qemu exists: crash recovery finds it by its console path (see releasers)
         machine.cleanup.push(f"qemu of {vmid}", stop_started, kind="qemu", data={"console": str(console)})
         snapshot = self._restore_from.pop(vmid, None)
-        options = {"console": console, "netns": network.netns_path, "tap": tap_name(vmid), "started": started}
+        uid, cgroup = self._confined.pop(vmid)
+        options = {
+            "console": console,
+            "netns": network.netns_path,
+            "tap": tap_name(vmid),
+            "started": started,
+            "runas": uid,
+            "cgroups": cgroup,
+        }
         try:
             vm = await launch(self.spec, snapshot=snapshot, **options)  # type: ignore[arg-type]
         except VmFailed as exc:

@@ -21,6 +21,10 @@ is alone on its link in its own network namespace, where the host learns it by A
 
 AGENT_PORT = "nex.agent"  # the virtio-serial port's name, which the guest looks for
 TB_MIB = 32  # TCG's translation cache: qemu's default (1 GiB) costs ~45 MiB more per VM at no gain here
+SECCOMP = "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"
+"""qemu's own seccomp filter (``-sandbox``): no obsolete system calls, no processes, no scheduler or
+affinity changes. ``elevateprivileges`` must allow the one ``setuid`` of ``-runas``, which happens
+after the filter is in place; once qemu runs as its machine's uid it has no privilege to regain."""
 
 
 @dataclass(frozen=True)
@@ -50,9 +54,19 @@ class VmSpec:
         return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def argv(spec: VmSpec, *, qmp_fd: int, agent_fd: int, console: Path, tap: str | None, incoming: bool) -> list[str]:
+def argv(
+    spec: VmSpec,
+    *,
+    qmp_fd: int,
+    agent_fd: int,
+    console: Path,
+    tap: str | None,
+    incoming: bool,
+    runas: int | None = None,
+) -> list[str]:
     """The command line; ``tap``: the VM's tap in its namespace (None: a hub port going nowhere, for
-    a template); ``incoming``: wait for a migration (``migrate-incoming`` over QMP) instead of booting."""
+    a template); ``incoming``: wait for a migration (``migrate-incoming`` over QMP) instead of booting;
+    ``runas``: the unprivileged uid (and gid) qemu becomes once it has opened its files and tap."""
     accel = "kvm" if spec.accel == "kvm" else f"tcg,tb-size={TB_MIB}"
     netdev = f"tap,id=n0,ifname={tap},script=no,downscript=no" if tap else "hubport,id=n0,hubid=0"
     command = [
@@ -71,6 +85,9 @@ def argv(spec: VmSpec, *, qmp_fd: int, agent_fd: int, console: Path, tap: str | 
         *("-device", "virtio-serial-device", "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}"),
         *("-chardev", f"file,id=console,path={console},append=on", "-serial", "chardev:console"),
     ]
+    command += ["-sandbox", SECCOMP]
+    if runas is not None:
+        command += ["-runas", f"{runas}:{runas}"]
     if incoming:
         command += ["-incoming", "defer"]
     return command

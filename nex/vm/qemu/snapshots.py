@@ -29,8 +29,11 @@ SUFFIX = ".vmstate"
 
 
 class Snapshots:
-    def __init__(self, spec: VmSpec, directory: Path, image_digest: str, boot_timeout: float) -> None:
+    def __init__(
+        self, spec: VmSpec, directory: Path, image_digest: str, boot_timeout: float, runas: int | None = None
+    ) -> None:
         self.spec = spec
+        self.runas = runas  # the template's qemu's uid
         self.directory = directory
         self.image_digest = image_digest
         self.boot_timeout = boot_timeout
@@ -75,7 +78,7 @@ class Snapshots:
         log.info("Booting the template VM for the pool's snapshot", console=str(console), accel=self.spec.accel)
         try:
             with trio.fail_after(self.boot_timeout):
-                vm = await launch(self.spec, console=console, started=started)
+                vm = await launch(self.spec, console=console, started=started, runas=self.runas)
                 await vm.read_ready()
             booted = time.monotonic() - begun
             size = await save_snapshot(vm, path)

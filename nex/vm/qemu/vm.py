@@ -15,6 +15,7 @@ import contextlib
 import os
 import signal
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
@@ -97,8 +98,11 @@ async def launch(
     tap: str | None = None,
     snapshot: Path | None = None,
     started: list[QemuVm] | None = None,
+    runas: int | None = None,
+    cgroups: Sequence[str] = (),
 ) -> QemuVm:
-    """Start a VM: a boot, or a restore of ``snapshot`` (running once this returns).
+    """Start a VM: a boot, or a restore of ``snapshot`` (running once this returns); qemu starts in
+    ``cgroups`` and runs as uid ``runas`` once it has opened what it needs.
 
     The VM is appended to ``started`` as soon as its process exists, so that a caller's cleanup can
     stop it however this ends (a cancellation, a failed restore).
@@ -117,6 +121,7 @@ async def launch(
             console=console,
             tap=tap,
             incoming=snapshot is not None,
+            runas=runas,
         )
         child = proc.spawn(
             command,
@@ -125,6 +130,7 @@ async def launch(
             stderr=out,
             netns=netns,
             pass_fds=[qmp_theirs.fileno(), agent_theirs.fileno()],
+            cgroups=[Path(path) for path in cgroups],
         )
     except OSError as exc:
         for sock in (qmp_ours, agent_ours):
