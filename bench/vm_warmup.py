@@ -13,12 +13,14 @@ measures, in one run, on the guest image the tests use (built once into ``~/.cac
 2. cold boot to handshake: a node with ``vm_snapshots: false`` and a pool of 1, its VM's qemu killed
    for a replacement, COLD_ROUNDS boots in all; each from the qemu process's start (its start time
    in ``/proc``) to the node's "Adding new VM to warm pool" line;
-3. snapshot clone to handshake: the same from qemu's start, for REPLACEMENTS clones started one at a
-   time (a member's qemu killed, with the 7 others idle in the pool) and for the clones of each pool
-   fill (8 restored at once); split into restore (qemu's start to the node's "Machine started",
-   logged once the restored VM runs and has its identity) and the guest's part (identity to
-   handshake, of which the guest's own "took the identity … in N ms" from the machine's console); the
-   template's boot and save times as the node logs them;
+3. snapshot clone to handshake: the same from qemu's start, for clones started one at a time (a
+   member's qemu killed once the pool's VMs are quiet: a clone keeps working for seconds after its
+   handshake) and for the clones of each pool fill (8 restored at once); split into restore (qemu's
+   start to the node's "Machine started", logged once the restored VM runs and has its identity) and
+   the guest's part (identity to handshake, of which the guest's own "took the identity … in N ms"
+   from the machine's console), with the CPU time qemu used by its handshake (what a clone costs
+   whatever else the host runs); the template's boot and save times as the node logs them, and the
+   cores a ready pool's qemu processes use in the seconds after ready;
 4. a pool of 8 ready: from starting ``nex up`` to "Warm pool ready" on a fresh state directory (the
    template is booted and saved) and again on the same directory (the snapshot is there), REPEATS
    times each; against the targets: ready within the template's boot + 4 s, a clone ready within 1 s

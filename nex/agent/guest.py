@@ -95,6 +95,10 @@ def agent_main() -> int:
 
     from nex.agent import main as agent  # the heavy imports: done before ready, so clones skip them
     from nex.api import agent as api
+    from nex.sandbox import seccomp
+
+    with contextlib.suppress(seccomp.SeccompUnavailable):  # the jail's filter, compiled once for every clone
+        seccomp.program()
 
     mmds = "nex.identity=mmds" in Path("/proc/cmdline").read_text().split()
     if mmds:  # Firecracker: nex v0.2's way

@@ -37,7 +37,8 @@ def test_the_seed_sample_loads_exactly_as_written(tmp_path: Path) -> None:
 
 def test_defaults_are_the_embedded_default() -> None:
     cfg = config.load(None).config
-    assert (cfg.machine_pool_size, cfg.driver, cfg.internal_node_port) == (1, "process", 9222)
+    assert (cfg.machine_pool_size, cfg.machine_driver(), cfg.internal_node_port) == (1, "process", 9222)
+    assert cfg.driver is None, "no driver named: the config decides (a kernel and rootfs mean VMs)"
     assert cfg.agent_handshake_timeout_ms == 5000
     assert cfg.heartbeat_interval_ms == 30_000
     assert cfg.internal_host() == "192.168.127.1"
@@ -130,7 +131,7 @@ def test_keys_nex_knows_but_this_node_does_not_apply_are_flagged(tmp_path: Path)
             "requester_public_keys entries must be curve public keys (X…) at $.requester_public_keys[0]",
         ),
         ({"tags": {"nex.os": "plan9"}}, "tag nex.os is set by the node itself; remove it at $.tags.nex.os"),
-        ({"driver": "firecracker"}, "Invalid enum value 'firecracker' at $.driver"),
+        ({"driver": "docker"}, "Invalid enum value 'docker' at $.driver"),
         (
             {"machine_template": {"pids_max": 2}},
             "machine_template.pids_max must be >= 8 at $.machine_template.pids_max",
