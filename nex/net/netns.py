@@ -89,6 +89,15 @@ def create(net: MachineNetwork) -> None:
         host.add_address(net.host_link, net.gateway, 32)
         host.set_up(net.host_link)
         host.add_route(net.address, 32, device=net.host_link)
+    strict_source(net.host_link)
+
+
+def strict_source(link: str) -> None:
+    """Accept on ``link`` only packets whose source address routes back through it (strict reverse
+    path filtering, RFC 3704): a machine that forges a neighbour's address (root in a VM can, a jailed
+    workload cannot) has its packets dropped before the fence or anything else sees them, instead of
+    having the host answer the neighbour in its name."""
+    Path(f"/proc/sys/net/ipv4/conf/{link}/rp_filter").write_text("1")
 
 
 def delete(netns: str, host_link: str) -> None:

@@ -45,6 +45,7 @@ from .cgroup import prepare_cgroup
 
 STOP_GRACE = 2.0
 QEMU_OVERHEAD_MIB = 256
+CONSOLE_MAX_BYTES = 16 << 20  # a machine's console file (its stdout): past it, the VM is ended
 QEMU_PIDS = 64
 TCG_CLONE_ALLOWANCE = 15.0
 """Seconds a restored clone may take beyond the handshake timeout under TCG: its memory is the
@@ -144,6 +145,7 @@ class QemuDriver:
             "started": started,
             "runas": uid,
             "cgroups": cgroup,
+            "console_cap": CONSOLE_MAX_BYTES,
         }
         try:
             vm = await launch(self.spec, snapshot=snapshot, **options)  # type: ignore[arg-type]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import socket
 from collections.abc import Sequence
@@ -100,9 +101,13 @@ async def launch(
     started: list[QemuVm] | None = None,
     runas: int | None = None,
     cgroups: Sequence[str] = (),
+    console_cap: int | None = None,
 ) -> QemuVm:
     """Start a VM: a boot, or a restore of ``snapshot`` (running once this returns); qemu starts in
-    ``cgroups`` and runs as uid ``runas`` once it has opened what it needs.
+    ``cgroups`` and runs as uid ``runas`` once it has opened what it needs. ``console_cap`` bounds every
+    file qemu writes (``RLIMIT_FSIZE``): the console file, which the guest fills at will, so that a VM
+    that writes past it is ended (SIGXFSZ) instead of filling the host's disk; never for a template,
+    which writes its snapshot.
 
     The VM is appended to ``started`` as soon as its process exists, so that a caller's cleanup can
     stop it however this ends (a cancellation, a failed restore).
@@ -140,6 +145,8 @@ async def launch(
         for sock in (qmp_theirs, agent_theirs):
             sock.close()
         os.close(out)
+    if console_cap is not None:  # at once: qemu has written little if anything yet
+        resource.prlimit(child.pid, resource.RLIMIT_FSIZE, (console_cap, console_cap))
     vm = QemuVm(child, Qmp(qmp_ours), agent_ours)
     if started is not None:
         started.append(vm)
@@ -147,7 +154,7 @@ async def launch(
         await vm.qmp.handshake()
         if snapshot is not None:
             await _restore(vm, snapshot)
-    except QmpError as exc:
+    except (QmpError, OSError) as exc:  # an error, or qemu gone (its monitor reset or closed)
         raise VmFailed(f"qemu (pid {vm.pid}): {exc}; its output is in {console}") from None
     return vm
 
