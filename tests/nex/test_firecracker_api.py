@@ -42,6 +42,7 @@ from nex.net.netns import MachineNetwork
 from nex.net.network import Networks
 from nex.sandbox.policy import HostSupport, Sandbox
 from nex.vm.drivers import firecracker as fc
+from nex.vm.drivers.base import DriverUnavailable
 from nex.vm.firecracker import api
 
 SPEC_PATH = Path(__file__).parent / "data" / "firecracker-api.yaml"
@@ -507,7 +508,7 @@ def test_firecracker_takes_one_or_an_even_number_of_vcpus(tmp_path: Path) -> Non
     for vcpus in (1, 2, 4, 32):
         driver(tmp_path, vcpus)
     for vcpus in (0, 3, 34):
-        with pytest.raises(ValueError, match="1 or an even number"):
+        with pytest.raises(DriverUnavailable, match="1 or an even number"):
             driver(tmp_path, vcpus)
 
 
