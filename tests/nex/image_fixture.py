@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from nex.vm.image import GuestImage, RegistryError, build_image, list_images, remove_images
+from nex.vm.kvm import tcg_tsc_khz
+from nex.vm.qemu.command import VmSpec
 
 #: How many images besides the session's own stay in the cache: those of concurrent sessions.
 SPARE_IMAGES = 3
@@ -60,3 +62,17 @@ def guest_image() -> GuestImage:
     recent = [other.digest for other in list_images(cache)[: SPARE_IMAGES + 1]]
     remove_images(cache, keep={image.digest, *recent})
     return image
+
+
+def tcg_spec(image: GuestImage) -> VmSpec:
+    """How the tests run a VM of ``image`` by hand: as a node would here, under TCG, 256 MiB, 1 vCPU."""
+    return VmSpec(
+        qemu="qemu-system-x86_64",
+        kernel=image.kernel,
+        initrd=image.initrd,
+        rootfs=image.rootfs,
+        memory_mib=256,
+        vcpus=1,
+        accel="tcg",
+        tsc_khz=tcg_tsc_khz(),
+    )

@@ -90,24 +90,33 @@ async def machine_parts(tmp_path: Path) -> AsyncIterator[tuple[MachineDeps, Agen
         nursery.cancel_scope.cancel()
 
 
+class MachineStarts:
+    """The sweeps' scenario: each run starts a new machine up to ready, then ends it."""
+
+    def __init__(self, deps: MachineDeps, credentials: AgentCredentials) -> None:
+        self.deps = deps
+        self.credentials = credentials
+        self.runs: list[str] = []  # the machine of each run
+        self.ready: list[str] = []  # those that got to ready
+
+    async def __call__(self) -> None:
+        vmid, seed = await self.credentials.take()
+        self.runs.append(vmid)
+        machine = Machine(vmid, seed, self.deps)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(machine.run, Mailbox[MachineMsg](4, name=vmid))
+            self.ready.append(vmid)
+            nursery.cancel_scope.cancel()
+
+
 async def test_machine_start_cancelled_at_every_step_leaves_nothing(
     machine_parts: tuple[MachineDeps, AgentCredentials, ZygoteLauncher], tmp_path: Path
 ) -> None:
     deps, credentials, zygote = machine_parts
-    runs: list[str] = []
-    reached_ready = []
-
-    async def scenario() -> None:
-        vmid, seed = await credentials.take()
-        runs.append(vmid)
-        machine = Machine(vmid, seed, deps)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(machine.run, Mailbox[MachineMsg](4, name=vmid))
-            reached_ready.append(vmid)
-            nursery.cancel_scope.cancel()
+    scenario = MachineStarts(deps, credentials)
 
     def check(step: int) -> None:
-        vmid = runs[-1]
+        vmid = scenario.runs[-1]
         where = f"(cancelled after step {step})"
         assert ids.short(vmid) not in netns.namespaces("nx"), f"netns left {where}"
         assert ids.host_link(vmid) not in netns.links("nx"), f"veth left {where}"
@@ -125,5 +134,5 @@ async def test_machine_start_cancelled_at_every_step_leaves_nothing(
         swept = await cancel_at_each_checkpoint(scenario, check)
     print(f"swept {swept} cancellation points")
     assert swept >= 20, "a machine's start-up has many steps: netlink, cgroup, credentials, launch, handshake"
-    assert reached_ready, "the last run must complete"
+    assert scenario.ready, "the last run must complete"
     assert processes_mentioning(str(tmp_path / "vm")) == {}

@@ -23,11 +23,10 @@ from nex import ids
 from nex.api import control
 from nex.net import netns
 from nex.node import host
-from nex.vm import kvm
 from nex.vm.image import GuestImage
-from nex.vm.qemu.command import VmSpec
 from nex.vm.qemu.vm import QemuVm, VmFailed, launch
 
+from .image_fixture import tcg_spec
 from .support import (
     Bus,
     NatsServerProc,
@@ -248,16 +247,7 @@ async def test_a_vm_writing_past_its_console_cap_is_ended_not_the_hosts_disk_fil
     """The guest writes its console at will (root in a VM can write ttyS0 as fast as it likes): qemu's
     files are capped, and a VM that goes past is ended. A template VM (a hub port for a network)
     makes qemu warn at once, which is enough to go past 16 bytes; without the cap it runs on."""
-    spec = VmSpec(
-        qemu="qemu-system-x86_64",
-        kernel=guest_image.kernel,
-        initrd=guest_image.initrd,
-        rootfs=guest_image.rootfs,
-        memory_mib=256,
-        vcpus=1,
-        accel="tcg",
-        tsc_khz=kvm.tcg_tsc_khz(),
-    )
+    spec = tcg_spec(guest_image)
     capped: list[QemuVm] = []
     with pytest.raises(VmFailed), trio.fail_after(60):
         await launch(spec, console=tmp_path / "capped", started=capped, console_cap=16)

@@ -27,14 +27,14 @@ from nex.config import load
 from nex.net import netns
 from nex.net.network import Networks
 from nex.sandbox.policy import HostSupport, Sandbox
-from nex.vm import kvm
 from nex.vm.drivers.qemu import QemuDriver
 from nex.vm.handshake import HandshakeBook, Handshakes
 from nex.vm.image import GuestImage
-from nex.vm.machine import Machine, MachineDeps, MachineMsg
-from nex.vm.qemu.command import VmSpec
+from nex.vm.machine import MachineDeps
 
+from .image_fixture import tcg_spec
 from .support import processes_mentioning
+from .test_machine_sweep import MachineStarts
 
 pytestmark = [
     pytest.mark.integration,
@@ -50,16 +50,7 @@ THEN_EVERY = 25  # then a sample of the handshake's
 async def vm_parts(tmp_path: Path, guest_image: GuestImage) -> AsyncIterator[tuple[MachineDeps, AgentCredentials]]:
     config = load(None, {"cni.subnet": "10.213.8.0/24", "cni.network_name": "nextestvm"}).config
     networks = Networks(config, namespaced=True, lease_root=tmp_path / "leases")
-    spec = VmSpec(
-        qemu=config.qemu_path,
-        kernel=guest_image.kernel,
-        initrd=guest_image.initrd,
-        rootfs=guest_image.rootfs,
-        memory_mib=256,
-        vcpus=1,
-        accel="tcg",
-        tsc_khz=kvm.tcg_tsc_khz(),
-    )
+    spec = tcg_spec(guest_image)
     driver = QemuDriver(
         networks,
         Sandbox(config, HOST),
@@ -101,20 +92,10 @@ async def test_a_vm_start_cancelled_at_every_step_leaves_nothing(
     vm_parts: tuple[MachineDeps, AgentCredentials], tmp_path: Path
 ) -> None:
     deps, credentials = vm_parts
-    runs: list[str] = []
-    reached_ready = []
-
-    async def scenario() -> None:
-        vmid, seed = await credentials.take()
-        runs.append(vmid)
-        machine = Machine(vmid, seed, deps)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(machine.run, Mailbox[MachineMsg](4, name=vmid))
-            reached_ready.append(vmid)
-            nursery.cancel_scope.cancel()
+    scenario = MachineStarts(deps, credentials)
 
     def check(step: int) -> None:
-        vmid = runs[-1]
+        vmid = scenario.runs[-1]
         where = f"(cancelled after step {step})"
         assert ids.short(vmid) not in netns.namespaces("nx"), f"netns (and its tap) left {where}"
         assert ids.host_link(vmid) not in netns.links("nx"), f"veth left {where}"
@@ -132,5 +113,5 @@ async def test_a_vm_start_cancelled_at_every_step_leaves_nothing(
         swept = await cancel_at_each_checkpoint(scenario, check, steps=steps)
     print(f"swept {swept} cancellation points")
     assert swept >= 40, "a VM's start has many steps: netlink, tap, tc, qemu, QMP, restore, identity, handshake"
-    assert reached_ready, "the last run must complete"
+    assert scenario.ready, "the last run must complete"
     assert processes_mentioning(str(tmp_path / "vm")) == {}
