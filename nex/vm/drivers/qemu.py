@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import os
 import re
 import secrets
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import msgspec
@@ -93,6 +95,7 @@ class QemuDriver:
         machine.dir.note(f"tap {tap} redirected with {network.guest_link}")
         machine.address = network.address
         uid = self.sandbox.uid_for(network.address)  # the machine's own: qemu runs as it on the host
+        machine.cleanup.push(f"plan of {machine.vmid}", self._forget(machine.vmid), durable=False)
         cgroup = await prepare_cgroup(machine, self.sandbox, self._limits())
         self._confined[machine.vmid] = (uid, cgroup)
         jail = self.sandbox.jail(machine.vmid, uid, [])
@@ -105,6 +108,13 @@ class QemuDriver:
         facts |= {"tap": tap, "start": "snapshot" if snapshot else "cold boot"}
         machine.dir.write_json("driver.json", facts)
         machine.dir.write_json("metadata.json", msgspec.structs.replace(machine.metadata, node_nats_nkey=""))
+
+    def _forget(self, vmid: str) -> Callable[[], Awaitable[None]]:
+        async def forget() -> None:  # what prepare left for a start that never came
+            self._restore_from.pop(vmid, None)
+            self._confined.pop(vmid, None)
+
+        return forget
 
     def _limits(self) -> Limits:
         """qemu's cgroup: the guest's memory plus qemu's own (its code, TCG's cache, device state), its
@@ -138,17 +148,19 @@ class QemuDriver:
         machine.cleanup.push(f"qemu of {vmid}", stop_started, kind="qemu", data={"console": str(console)})
         snapshot = self._restore_from.pop(vmid, None)
         uid, cgroup = self._confined.pop(vmid)
-        options = {
-            "console": console,
-            "netns": network.netns_path,
-            "tap": tap_name(vmid),
-            "started": started,
-            "runas": uid,
-            "cgroups": cgroup,
-            "console_cap": CONSOLE_MAX_BYTES,
-        }
+        start_vm = functools.partial(
+            launch,
+            self.spec,
+            console=console,
+            netns=network.netns_path,
+            tap=tap_name(vmid),
+            started=started,
+            runas=uid,
+            cgroups=cgroup,
+            console_cap=CONSOLE_MAX_BYTES,
+        )
         try:
-            vm = await launch(self.spec, snapshot=snapshot, **options)  # type: ignore[arg-type]
+            vm = await start_vm(snapshot=snapshot)
         except VmFailed as exc:
             if snapshot is None or self.snapshots is None:
                 raise
@@ -157,7 +169,7 @@ class QemuDriver:
             await stop_started()
             started.clear()
             machine.boot_allowance = self.boot_timeout
-            vm = await launch(self.spec, **options)  # type: ignore[arg-type]
+            vm = await start_vm()
         machine.dir.write_pid(vm.pid)
         identity = agent_api.GuestIdentity(
             metadata=machine.metadata,
