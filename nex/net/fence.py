@@ -171,6 +171,28 @@ def check_table(name: str) -> None:
 # --- the public API ---------------------------------------------------------------------------------
 
 
+def trial(plan: FencePlan) -> str | None:
+    """Whether the kernel takes ``plan``'s table whole (for ``nex preflight``): one batch creates it
+    exclusively, fills it and deletes it, so nothing of it outlives the call even if the caller is
+    killed, and a table of that name that exists already is refused, never touched. None when every
+    part was taken, else which part was refused and why."""
+    table = [("NFTA_TABLE_NAME", plan.table)]
+    try:
+        refused = _commit(
+            [
+                _Op(NFT_MSG_NEWTABLE, NLM_F_CREATE | NLM_F_EXCL, table, f"create table {plan.table}"),
+                *_contents(plan),
+                _Op(NFT_MSG_DELTABLE, 0, table, f"delete table {plan.table}"),
+            ]
+        )
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if refused:
+        op, code = refused[0]
+        return f"{op.what}: {os.strerror(code)}"
+    return None
+
+
 def install(plan: FencePlan) -> None:
     """Install ``plan``'s table, replacing a table of that name if there is one, in one atomic batch.
 

@@ -9,9 +9,9 @@ Throwaway objects are named ``nxpf…``:
 
 - the network namespace (and its veth's host end) ``nxpf<pid><rand>``, deleted in a ``finally``; one
   left by a preflight that was killed outright is deleted by the next preflight (its pid is dead);
-- the nftables table ``nxpf<rand>`` is created, filled with the fence's chains and rules and deleted
-  again **in one batch**: the kernel checks every part and commits nothing, so there is no moment at
-  which it exists, and nothing to leave behind whatever happens to this process;
+- the nftables table (a random ``nx…`` name, :func:`nex.net.fence.trial`) is created, filled with the
+  fence's chains and rules and deleted again **in one batch**: there is no moment at which another
+  process sees it, and nothing to leave behind whatever happens to this process;
 - probe VMs are QEMU processes tied to this process's life (:mod:`nex.vm.kvm`), killed and reaped
   however the probe ends.
 
@@ -221,6 +221,9 @@ class _Plan:
         if self.driver == "qemu" and not self.startup:
             add("boot", self._boot)
 
+        # pyroute2's modules import each other in cycles: imported by several worker threads at once,
+        # one of them can see another's half-initialised module. Imported once here, first.
+        await trio.to_thread.run_sync(_import_netlink)
         async with trio.open_nursery() as nursery:
             for key, job in jobs:
                 nursery.start_soon(self._collect, key, job)
@@ -297,7 +300,14 @@ class _Plan:
             ]
         reason = await trio.to_thread.run_sync(_try_fence, self.config)
         if reason is None:
-            return [Check(name, True, False, "the kernel took the node's fence (table inet nxpf…, not committed)")]
+            return [
+                Check(
+                    name,
+                    True,
+                    False,
+                    "the kernel took the node's fence (a throwaway table, made and deleted in one batch)",
+                )
+            ]
         fix = "a kernel with nf_tables (CONFIG_NF_TABLES, nft_reject, nft_ct), or set sandbox.fence=false"
         return [Check(name, False, True, f"the node's fence was refused: {reason}", fix)]
 
@@ -437,18 +447,20 @@ _NETWORK_FIX = {
 # -- blocking probes (worker threads) -----------------------------------------------------------------
 
 
-def _try_fence(config: NodeConfig) -> str | None:
-    """Send the node's fence under a throwaway name, followed by its deletion, in one batch: the kernel
-    takes (or refuses) every part and commits nothing. None when it took it all."""
-    from pyroute2.netlink import NLM_F_CREATE, NLM_F_EXCL
-    from pyroute2.netlink.nfnetlink.nftsocket import NFT_MSG_DELTABLE, NFT_MSG_NEWTABLE
+def _import_netlink() -> None:
+    from pyroute2 import IPRoute  # noqa: F401  (nex.net.tap's)
 
+    from nex.net import fence, rtnl  # noqa: F401  (pyroute2's netlink and nftables modules)
+
+
+def _try_fence(config: NodeConfig) -> str | None:
+    """The node's fence, tried under a throwaway name (:func:`nex.net.fence.trial`: made, filled and
+    deleted in one batch). None when the kernel took it all."""
     from nex.net import fence
 
-    name = f"{PREFIX}{secrets.token_hex(4)}"
     try:
         plan = fence.FencePlan(
-            table="nx" + "0" * 10,  # validated under a node's name shape, sent under the throwaway one
+            table="nx" + secrets.token_hex(5),  # random: an existing table of the name is refused, not touched
             group=1 + secrets.randbelow(fence.MAX_GROUP - 1),
             gateway=config.internal_host(),
             port=config.internal_node_port or 9222,
@@ -458,21 +470,7 @@ def _try_fence(config: NodeConfig) -> str | None:
         )
     except ValueError as exc:
         return f"the fence's plan is invalid: {exc}"
-    object.__setattr__(plan, "table", name)  # a frozen dataclass; nothing reads the old name
-    table = [("NFTA_TABLE_NAME", name)]
-    ops = [
-        fence._Op(NFT_MSG_NEWTABLE, NLM_F_CREATE | NLM_F_EXCL, table, f"create table {name}"),
-        *fence._contents(plan),
-        fence._Op(NFT_MSG_DELTABLE, 0, table, f"delete table {name}"),
-    ]
-    try:
-        refused = fence._commit(ops)
-    except OSError as exc:
-        return exc.strerror or str(exc)
-    if refused:
-        op, code = refused[0]
-        return f"{op.what}: {os.strerror(code)}"
-    return None
+    return fence.trial(plan)
 
 
 def _try_network(vm: bool) -> dict[str, str | None]:
