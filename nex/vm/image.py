@@ -13,7 +13,7 @@ Python and site-packages are not what runs in the guest, and a CI host may diffe
       exec switch_root /newroot /usr/bin/python3.11 -I -m nex.agent.guest
 
   It expects from the kernel command line only what the driver gives anyway (``console=ttyS0``,
-  ``panic=-1``, ``tsc_early_khz=`` under TCG, see :func:`tsc_khz`) and reads three words of its
+  ``panic=-1``, ``tsc_early_khz=`` under TCG, see :func:`nex.vm.kvm.tcg_tsc_khz`) and reads three words of its
   own: ``nex.probe=1`` (print ``nex-probe-ok`` and power off at once: does the accelerator run a
   guest at all?), ``nex.check=1`` (hand over to a python that imports ``nex.agent.main``, prints
   ``nex-python-ok`` and powers off: does this image work?) and ``nex.rw_mib=N`` (size of the
@@ -138,7 +138,6 @@ ROOTFS_FILE = "rootfs.ext4"
 MANIFEST_FILE = "manifest.json"
 
 #: TSC frequency to assume when /proc/cpuinfo does not say (kHz).
-DEFAULT_TSC_KHZ = 2_000_000
 
 log = logs.get("nex.vm.image")
 
@@ -231,22 +230,6 @@ class Inputs:
 def image_root(state_dir: Path) -> Path:
     """Where a node's images (and the download caches) live."""
     return state_dir / "images"
-
-
-def tsc_khz() -> int:
-    """The host's TSC frequency in kHz, for the guest's ``tsc_early_khz=``.
-
-    Under TCG microvm a guest kernel left to calibrate its TSC hangs in half the boots (no PIT, HPET
-    or PM timer to calibrate against); the host's "cpu MHz" is what the emulated TSC runs at.
-    """
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "cpu MHz":
-                with contextlib.suppress(ValueError):
-                    return round(float(value) * 1000)
-                break
-    return DEFAULT_TSC_KHZ
 
 
 # --- inputs: what the registry offers now ------------------------------------------------------------

@@ -26,7 +26,8 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from nex.vm import image as images
-from nex.vm.image import GuestImage, ImageError, build_image, image_inputs, load_order, source_digest, tsc_khz
+from nex.vm.image import GuestImage, ImageError, build_image, image_inputs, load_order, source_digest
+from nex.vm.kvm import tcg_tsc_khz
 
 from .image_fixture import image_cache  # the guest_image fixture comes from conftest.py
 
@@ -155,7 +156,7 @@ def test_load_order_puts_dependencies_first_and_names_what_is_missing() -> None:
 
 
 def test_tsc_khz_is_the_hosts_clock() -> None:
-    assert 100_000 < tsc_khz() < 10_000_000
+    assert 100_000 < tcg_tsc_khz() < 10_000_000
 
 
 def _seed_downloads(state_dir: Path) -> None:
@@ -276,7 +277,7 @@ def _boot(image: GuestImage, words: str) -> tuple[str, int | None]:
     if QEMU is None:
         pytest.skip("qemu-system-x86_64 is not installed")
     assert image.initrd is not None
-    append = f"console=ttyS0 quiet panic=-1 tsc_early_khz={tsc_khz()} {words}"
+    append = f"console=ttyS0 quiet panic=-1 tsc_early_khz={tcg_tsc_khz()} {words}"
     argv = [QEMU, "-M", "microvm", "-accel", "tcg", "-cpu", "max", "-m", "256", "-smp", "1", "-nographic"]
     argv += ["-no-reboot", "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", append]
     argv += ["-drive", f"id=root,file={image.rootfs},format=raw,if=none,readonly=on"]

@@ -59,8 +59,9 @@ class QemuVm:
         """``quit`` (the guest is not asked: its workload was undeployed already, and a VM holds no
         state the node keeps), ``grace`` seconds, then SIGKILL; shielded."""
         with trio.CancelScope(shield=True):
-            with trio.move_on_after(min(grace, QUIT_GRACE)), contextlib.suppress(QmpError, OSError):
-                await self.qmp.execute("quit")
+            if self.child.returncode is None:  # stopped already (the driver's stop, then the cleanup's)
+                with trio.move_on_after(min(grace, QUIT_GRACE)), contextlib.suppress(QmpError, OSError):
+                    await self.qmp.execute("quit")
             with trio.move_on_after(grace):
                 await self.child.wait()
             self.child.signal(signal.SIGKILL)
