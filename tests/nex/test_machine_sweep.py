@@ -9,7 +9,8 @@ lease, state directory, journal record, credential or agent process of that mach
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from nex.net import netns
 from nex.net.network import Networks
 from nex.sandbox import cgroups
 from nex.sandbox.policy import HostSupport, Sandbox
+from nex.vm.drivers.base import Driver
 from nex.vm.drivers.process import ProcessDriver
 from nex.vm.handshake import HandshakeBook, Handshakes
 from nex.vm.launcher import ZygoteLauncher
@@ -57,10 +59,17 @@ def live_children(parent: int) -> list[int]:
     return found
 
 
-@pytest.fixture
-async def machine_parts(tmp_path: Path) -> AsyncIterator[tuple[MachineDeps, AgentCredentials, ZygoteLauncher]]:
-    config = load(None, {"cni.subnet": "10.213.7.0/24", "cni.network_name": "nextest"}).config
-    networks = Networks(config, namespaced=True, lease_root=tmp_path / "leases")
+@contextlib.asynccontextmanager
+async def machines_of(
+    tmp_path: Path,
+    networks: Networks,
+    driver: Driver,
+    *,
+    handshake_timeout: float,
+    also: Sequence[Callable[..., Awaitable[object]]] = (),
+) -> AsyncIterator[MachineDeps]:
+    """What machines of ``driver`` need, real and running: an internal nats-server with per-agent
+    credentials, the node's link to it, the handshake listener, and ``also`` (a launcher, say)."""
     credentials = AgentCredentials()
     port = free_port("127.0.0.1")
     server = NatsServer(
@@ -68,26 +77,35 @@ async def machine_parts(tmp_path: Path) -> AsyncIterator[tuple[MachineDeps, Agen
     )
     credentials.attach(server)
     book = HandshakeBook()
-    zygote = ZygoteLauncher(tmp_path)
     async with open_asyncio_thread("sweep-asyncio") as aio, trio.open_nursery() as nursery:
         await nursery.start(server.run)
         await nursery.start(credentials.run)
         link = NatsLink("internal", [f"nats://127.0.0.1:{port}"], aio, nkeys_seed_str=credentials.node_seed)
         await nursery.start(link.run)
         await nursery.start(Handshakes(link, book.waiting).run, Mailbox(1024, name="handshakes"))
-        await nursery.start(zygote.run)
-        deps = MachineDeps(
-            driver=ProcessDriver(networks, zygote, Sandbox(config, HOST)),
+        for run in also:
+            await nursery.start(run)
+        yield MachineDeps(
+            driver=driver,
             credentials=credentials,
             handshakes=book,
             vm_root=tmp_path / "vm",
             journal=Journal(tmp_path / "journal"),
             agent_host=networks.agent_host,
             agent_port=port,
-            handshake_timeout=10.0,
+            handshake_timeout=handshake_timeout,
         )
-        yield deps, credentials, zygote
         nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def machine_parts(tmp_path: Path) -> AsyncIterator[tuple[MachineDeps, AgentCredentials, ZygoteLauncher]]:
+    config = load(None, {"cni.subnet": "10.213.7.0/24", "cni.network_name": "nextest"}).config
+    networks = Networks(config, namespaced=True, lease_root=tmp_path / "leases")
+    zygote = ZygoteLauncher(tmp_path)
+    driver = ProcessDriver(networks, zygote, Sandbox(config, HOST))
+    async with machines_of(tmp_path, networks, driver, handshake_timeout=10.0, also=[zygote.run]) as deps:
+        yield deps, deps.credentials, zygote
 
 
 class MachineStarts:

@@ -16,25 +16,20 @@ from pathlib import Path
 import pytest
 import trio
 
-from actors import Journal, Mailbox
 from actors.testing import cancel_at_each_checkpoint
 from nex import ids
-from nex.bus.aio import open_asyncio_thread
 from nex.bus.credentials import AgentCredentials
-from nex.bus.link import NatsLink
-from nex.bus.server import NatsServer, free_port
 from nex.config import load
 from nex.net import netns
 from nex.net.network import Networks
 from nex.sandbox.policy import HostSupport, Sandbox
 from nex.vm.drivers.qemu import QemuDriver
-from nex.vm.handshake import HandshakeBook, Handshakes
 from nex.vm.image import GuestImage
 from nex.vm.machine import MachineDeps
 
 from .image_fixture import tcg_spec
 from .support import processes_mentioning
-from .test_machine_sweep import MachineStarts
+from .test_machine_sweep import MachineStarts, machines_of
 
 pytestmark = [
     pytest.mark.integration,
@@ -61,31 +56,8 @@ async def vm_parts(tmp_path: Path, guest_image: GuestImage) -> AsyncIterator[tup
     )
     assert driver.snapshots is not None
     assert await driver.snapshots.get() is not None, driver.snapshots.failed
-    credentials = AgentCredentials()
-    port = free_port("127.0.0.1")
-    server = NatsServer(
-        "internal", host="0.0.0.0", port=port, work_dir=tmp_path / "nats", extra_config=credentials.render
-    )
-    credentials.attach(server)
-    book = HandshakeBook()
-    async with open_asyncio_thread("vm-sweep-asyncio") as aio, trio.open_nursery() as nursery:
-        await nursery.start(server.run)
-        await nursery.start(credentials.run)
-        link = NatsLink("internal", [f"nats://127.0.0.1:{port}"], aio, nkeys_seed_str=credentials.node_seed)
-        await nursery.start(link.run)
-        await nursery.start(Handshakes(link, book.waiting).run, Mailbox(1024, name="handshakes"))
-        deps = MachineDeps(
-            driver=driver,
-            credentials=credentials,
-            handshakes=book,
-            vm_root=tmp_path / "vm",
-            journal=Journal(tmp_path / "journal"),
-            agent_host=networks.agent_host,
-            agent_port=port,
-            handshake_timeout=30.0,
-        )
-        yield deps, credentials
-        nursery.cancel_scope.cancel()
+    async with machines_of(tmp_path, networks, driver, handshake_timeout=30.0) as deps:
+        yield deps, deps.credentials
 
 
 async def test_a_vm_start_cancelled_at_every_step_leaves_nothing(
