@@ -48,7 +48,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -68,7 +67,7 @@ from nex import ids
 from nex.api import control, subjects
 from nex.client import Artifact, NexClient, NexError, RequesterKeys
 from nex.crypto import PREFIX_ACCOUNT, XKey, create_signing_key
-from nex.net import netns
+from nex.net import fence, netns
 from nex.net.ipam import DEFAULT_ROOT
 from nex.node.host import node_stem
 from nex.workload import request as workload_request
@@ -303,7 +302,6 @@ def leftovers(node: NodeProcess, network: str) -> dict[str, list[str]]:
     names = set(os.listdir(netns_dir)) if netns_dir.is_dir() else set()
     links = set(os.listdir("/sys/class/net"))
     cgroup = Path("/sys/fs/cgroup")
-    table = subprocess.run(["nft", "list", "table", "inet", stem], capture_output=True, check=False)
     lease_dir = DEFAULT_ROOT / network
     leases = [p.name for p in lease_dir.iterdir() if p.name[0].isdigit()] if lease_dir.is_dir() else []
     state = str(node.state_dir)
@@ -311,7 +309,7 @@ def leftovers(node: NodeProcess, network: str) -> dict[str, list[str]]:
         "netns": sorted(shorts & names),
         "links": sorted(link for link in links if link[:12] in shorts or link == f"{stem}g"),
         "cgroups": sorted(str(p) for short in shorts for p in [*cgroup.glob(short), *cgroup.glob(f"*/{short}")]),
-        "nft_tables": [f"inet {stem}"] if table.returncode == 0 else [],
+        "nft_tables": [f"inet {name}" for name in fence.tables(stem)],
         "leases": sorted(leases),
         "processes": sorted(
             f"{pid} {proc.cmdline[:120]}" for pid, proc in processes().items() if state in proc.cmdline
