@@ -61,7 +61,10 @@ if libc.prctl({linux.PR_SET_PDEATHSIG}, {int(signal.SIGKILL)}, 0, 0, 0) != 0:
 if os.getppid() not in (int(parent), 0):
     os._exit(1)
 os.sched_setaffinity(0, {{int(cpu) for cpu in cpus.split(",")}})
-if netns != "-":
+if netns == "new":
+    if libc.unshare({linux.CLONE_NEWNET}) != 0:
+        fail(126, "making its network namespace: " + os.strerror(ctypes.get_errno()))
+elif netns != "-":
     if libc.setns(int(netns), {linux.CLONE_NEWNET}) != 0:
         fail(126, "entering its network namespace: " + os.strerror(ctypes.get_errno()))
     os.close(int(netns))
@@ -78,13 +81,15 @@ try:
 except OSError as exc:
     fail(127, exc.strerror or str(exc))
 """
-"""Run as ``python -I -S -c _EXEC_SHIM PARENT NETNS_FD|- CPUS CGROUPS|- PROGRAM ARGS...`` (see the
+"""Run as ``python -I -S -c _EXEC_SHIM PARENT NETNS_FD|new|- CPUS CGROUPS|- PROGRAM ARGS...`` (see the
 module docstring); CGROUPS: the cgroup directories to join, ``:``-separated."""
 
 
-def _shim_argv(argv: Sequence[str], parent: int, netns_fd: int, cgroups: Sequence[Path] = ()) -> list[str]:
+def _shim_argv(
+    argv: Sequence[str], parent: int, netns_fd: int, cgroups: Sequence[Path] = (), own_netns: bool = False
+) -> list[str]:
     cpus = ",".join(str(cpu) for cpu in sorted(affinity.ORIGINAL))
-    netns = str(netns_fd) if netns_fd >= 0 else "-"
+    netns = "new" if own_netns else str(netns_fd) if netns_fd >= 0 else "-"
     joined = ":".join(str(path) for path in cgroups) or "-"
     return [sys.executable, "-I", "-S", "-c", _EXEC_SHIM, str(parent), netns, cpus, joined, *argv]
 
@@ -155,12 +160,15 @@ def spawn(
     netns: Path | None = None,
     pass_fds: Sequence[int] = (),
     cgroups: Sequence[Path] = (),
+    own_netns: bool = False,
 ) -> ChildProcess:
     """Start ``argv`` tied to this process's life (see the module docstring). Call from the Trio thread.
 
     ``netns``: a network namespace (``/run/netns/…``) the child enters before exec.
     ``pass_fds``: descriptors the child keeps (every other one is closed).
     ``cgroups``: cgroup directories the child joins before exec (so all it ever runs is inside).
+    ``own_netns``: the child gets a new network namespace of its own, with only a loopback that is
+    down, which ends with it (root only; not with ``netns``).
 
     Raises:
         OSError: the program cannot be found or executed (checked here: the child could only exit).
@@ -174,11 +182,13 @@ def spawn(
     if found is None or not os.access(found, os.X_OK) or os.path.isdir(found):
         code = errno.ENOENT if found is None or not os.path.exists(found) else errno.EACCES
         raise OSError(code, os.strerror(code), program)
+    if own_netns and netns is not None:
+        raise ValueError("a child enters a network namespace or makes its own, not both")
     parent = os.getpid()
     netns_fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC) if netns is not None else -1
     try:
         popen = subprocess.Popen(
-            _shim_argv(argv, parent, netns_fd, cgroups),
+            _shim_argv(argv, parent, netns_fd, cgroups, own_netns),
             env=environment,
             cwd=cwd,
             stdin=subprocess.DEVNULL,

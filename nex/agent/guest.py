@@ -38,6 +38,7 @@ RNDADDENTROPY = 0x40085203
 RNDRESEEDCRNG = 0x5207
 RB_POWER_OFF = 0x4321FEDC
 RB_AUTOBOOT = 0x01234567
+RB_DISABLE_CAD = 0
 MAX_IDENTITY = 1 << 20
 PORT_WAIT = 10.0  # seconds the agent waits for its port's device to appear
 
@@ -53,6 +54,10 @@ def pid1() -> None:
     """Fork the agent, reap every process until it exits, then end the VM."""
     with contextlib.suppress(OSError):
         os.makedirs(WORKDIR, exist_ok=True)
+    libc = ctypes.CDLL(None, use_errno=True)
+    # Ctrl-Alt-Del (Firecracker's SendCtrlAltDel) then reaches init as SIGINT, rather than the
+    # kernel's immediate reset: the agent gets to stop its workload first
+    libc.reboot(RB_DISABLE_CAD)
     agent = os.fork()
     if agent == 0:
         try:
@@ -78,7 +83,6 @@ def pid1() -> None:
             break
     log(f"the agent exited with code {code}; stopping the VM")
     os.sync()
-    libc = ctypes.CDLL(None, use_errno=True)
     # qemu's microvm powers off by ACPI at once (a reset under TCG takes seconds); Firecracker has no
     # ACPI power-off, and exits on the reset its ``reboot=k`` asks for
     firecracker = "nex.identity=mmds" in Path("/proc/cmdline").read_text().split()
@@ -100,9 +104,10 @@ def agent_main() -> int:
     with contextlib.suppress(seccomp.SeccompUnavailable):  # the jail's filter, compiled once for every clone
         seccomp.program()
 
-    mmds = "nex.identity=mmds" in Path("/proc/cmdline").read_text().split()
+    cmdline = Path("/proc/cmdline").read_text().split()
+    mmds = "nex.identity=mmds" in cmdline
     if mmds:  # Firecracker: nex v0.2's way
-        raw = _from_mmds()
+        raw = _from_mmds(template=api.TEMPLATE_ARG in cmdline)
     else:
         channel = _open_channel()
         try:
@@ -124,16 +129,25 @@ def agent_main() -> int:
     return agent.run_with(identity.metadata)
 
 
-def _from_mmds() -> bytes:
+def _from_mmds(template: bool) -> bytes:
     """The identity Firecracker's MMDS holds, over a link-local address on eth0 that the real one
-    then replaces (an ``SIOCSIFADDR`` sets the interface's first address)."""
+    then replaces (an ``SIOCSIFADDR`` sets the interface's first address).
+
+    A ``template`` VM (``nex.template=1``) has none yet: it says ``READY_MARKER`` on its console,
+    where its host waits for it to snapshot the VM, and asks MMDS until a clone's host has put one,
+    with no deadline (a clone may be restored long after) and short attempts (an attempt in flight
+    when the snapshot was taken is lost with the template's MMDS connection)."""
     from nex.agent import mmds
+    from nex.api.agent import READY_MARKER
 
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         fcntl.ioctl(sock, SIOCSIFADDR, _ifreq("eth0", _sockaddr("169.254.0.2")))
         fcntl.ioctl(sock, SIOCSIFNETMASK, _ifreq("eth0", _sockaddr("255.255.0.0")))
         _link_up(sock, "eth0")
-    return mmds.fetch_metadata(timeout=MMDS_TIMEOUT)
+    if not template:
+        return mmds.fetch_metadata(timeout=MMDS_TIMEOUT)
+    print(READY_MARKER, file=sys.stderr, flush=True)
+    return mmds.fetch_metadata(timeout=None, attempt_timeout=TEMPLATE_ATTEMPT_TIMEOUT)
 
 
 def _open_channel() -> int:
@@ -193,6 +207,7 @@ IFF_UP = 0x1
 RTF_UP, RTF_GATEWAY, RTF_HOST, RTF_REJECT = 0x1, 0x2, 0x4, 0x200
 MMDS_ADDRESS = "169.254.169.254"
 MMDS_TIMEOUT = 10.0
+TEMPLATE_ATTEMPT_TIMEOUT = 0.1  # seconds per MMDS attempt in a template (MMDS answers in microseconds)
 
 
 def configure_network(address: str, prefixlen: int, gateway: str, device: str = "eth0") -> None:

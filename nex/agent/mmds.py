@@ -31,19 +31,25 @@ class MetadataUnavailable(Exception):
     """No identity from MMDS within the time allowed; the message says what the last attempt got."""
 
 
-def fetch_metadata(timeout: float = 5.0, address: str = MMDS_ADDRESS, port: int = 80) -> bytes:
-    """The MMDS contents (JSON), retried every 50 ms until ``timeout`` seconds have passed.
+def fetch_metadata(
+    timeout: float | None = 5.0,
+    address: str = MMDS_ADDRESS,
+    port: int = 80,
+    attempt_timeout: float = ATTEMPT_TIMEOUT,
+) -> bytes:
+    """The MMDS contents (JSON), retried every 50 ms until ``timeout`` seconds have passed (None:
+    until there are some), each attempt given ``attempt_timeout`` seconds.
 
     MMDS V2: ``PUT /latest/api/token`` with ``X-metadata-token-ttl-seconds`` gives a session token,
     then ``GET /`` with ``X-metadata-token`` and ``Accept: application/json`` gives the whole store as
     JSON. An empty store (404, or ``{}``: the host has not put it yet, or a clone's host is putting
     it) is retried like a network error.
     """
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout if timeout is not None else float("inf")
     last = "no attempt"
     while True:
         remaining = deadline - time.monotonic()
-        conn = http.client.HTTPConnection(address, port, timeout=max(0.05, min(ATTEMPT_TIMEOUT, remaining)))
+        conn = http.client.HTTPConnection(address, port, timeout=max(0.05, min(attempt_timeout, remaining)))
         try:
             conn.request("PUT", "/latest/api/token", headers={"X-metadata-token-ttl-seconds": str(TOKEN_TTL_SECONDS)})
             answer = conn.getresponse()
@@ -64,5 +70,6 @@ def fetch_metadata(timeout: float = 5.0, address: str = MMDS_ADDRESS, port: int 
         finally:
             conn.close()
         if time.monotonic() + RETRY_INTERVAL >= deadline:
-            raise MetadataUnavailable(f"no metadata from MMDS at {address} within {timeout * 1000:.0f} ms: {last}")
+            waited = f"{(timeout or 0) * 1000:.0f} ms"
+            raise MetadataUnavailable(f"no metadata from MMDS at {address} within {waited}: {last}")
         time.sleep(RETRY_INTERVAL)

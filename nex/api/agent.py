@@ -173,6 +173,12 @@ class GuestReady(msgspec.Struct, frozen=True, tag="ready"):
     pid: int
 
 
+#: On a Firecracker guest's kernel command line: a template VM, snapshotted once its agent is ready
+#: (Firecracker has no private channel to say so on: the agent says READY_MARKER on its console).
+TEMPLATE_ARG = "nex.template=1"
+READY_MARKER = "nex-guest: ready for an identity"
+
+
 class HandshakeRequest(msgspec.Struct, omit_defaults=True):
     id: str
     start_time: str

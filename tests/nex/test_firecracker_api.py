@@ -34,6 +34,7 @@ import jsonschema
 import msgspec
 import pytest
 import trio
+import trio.testing
 import yaml
 
 from nex.api import agent as agent_api
@@ -42,7 +43,9 @@ from nex.net.netns import MachineNetwork
 from nex.net.network import Networks
 from nex.sandbox.policy import HostSupport, Sandbox
 from nex.vm.drivers import firecracker as fc
+from nex.vm.drivers import firecracker_template as fct
 from nex.vm.drivers.base import DriverUnavailable
+from nex.vm.drivers.firecracker_template import FirecrackerTemplate
 from nex.vm.firecracker import api
 
 SPEC_PATH = Path(__file__).parent / "data" / "firecracker-api.yaml"
@@ -210,7 +213,7 @@ async def recorder(tmp_path: Path) -> AsyncIterator[Recorder]:
 # -- a realistic machine --------------------------------------------------------------------------------
 
 
-def driver(tmp_path: Path, vcpus: int = 1, initrd: bool = False, snapshot: bool = False) -> fc.FirecrackerDriver:
+def driver(tmp_path: Path, vcpus: int = 1, initrd: bool = False) -> fc.FirecrackerDriver:
     config = load(None, {"cni.subnet": "10.213.9.0/24", "cni.network_name": "nexfctest"}).config
     config.machine_template = MachineTemplate(vcpu_count=vcpus, memsize_mib=256 * vcpus)
     host = HostSupport(privileged=True, namespaced=True, user_namespaces=None, seccomp=None, cgroups="none here")
@@ -222,7 +225,6 @@ def driver(tmp_path: Path, vcpus: int = 1, initrd: bool = False, snapshot: bool 
         rootfs=images / "rootfs.ext4",
         initrd=images / "initrd.img" if initrd else None,
         template=config.machine_template,
-        snapshot=fc.Snapshot(images / "template.state", images / "template.mem") if snapshot else None,
     )
 
 
@@ -233,6 +235,18 @@ def machine_vm(tmp_path: Path, jailed: bool = False) -> fc._Vm:
     )  # fmt: skip
     jailer = fc.Jailer("jailer") if jailed else None
     return fc._Vm(tmp_path / "vm" / VMID, VMID, network, fc.tap_name(VMID), "02:00:0a:d5:09:02", 0x7000_0002, jailer)
+
+
+def template_of(tmp_path: Path, *, initrd: bool = False, vcpus: int = 1, digest: str = "d1") -> FirecrackerTemplate:
+    images = tmp_path / "images"
+    return FirecrackerTemplate(
+        firecracker="firecracker",
+        kernel=images / "vmlinux",
+        rootfs=images / "rootfs.ext4",
+        initrd=images / "initrd.img" if initrd else None,
+        template=MachineTemplate(vcpu_count=vcpus, memsize_mib=256 * vcpus),
+        image_digest=digest,
+    )
 
 
 def identity() -> agent_api.GuestIdentity:
@@ -313,7 +327,12 @@ async def test_a_jailed_machine_names_paths_inside_its_jail(recorder: Recorder, 
     bodies = {s.target: json.loads(s.body) for s in recorder.seen}
     assert bodies["/boot-source"]["kernel_image_path"] == "/vmlinux"
     assert bodies["/boot-source"]["initrd_path"] == "/initrd"
-    assert bodies["/drives/rootfs"]["path_on_host"] == "/rootfs"
+    # the host's path, inside the jail: a snapshot names its drive's path, and clones reopen it
+    assert bodies["/drives/rootfs"]["path_on_host"] == str(tmp_path / "images" / "rootfs.ext4")
+    assert ("images/rootfs.ext4", "rootfs.ext4") in [
+        (str(source.relative_to(tmp_path)), Path(inside).name) for source, inside in fcd._images(vm)
+    ]
+    assert all(not Path(inside).is_absolute() for _, inside in fcd._images(vm))  # all of them inside
     assert bodies["/logger"]["log_path"] == "/firecracker.log"
     assert vm.chroot == vm.dir / "jail" / "firecracker" / VMID / "root"
 
@@ -321,11 +340,11 @@ async def test_a_jailed_machine_names_paths_inside_its_jail(recorder: Recorder, 
 async def test_a_clone_loads_the_snapshot_on_its_own_tap_then_gets_its_identity(
     recorder: Recorder, tmp_path: Path
 ) -> None:
-    fcd, vm = driver(tmp_path, snapshot=True), machine_vm(tmp_path)
-    assert fcd.snapshot is not None
+    fcd, vm = driver(tmp_path), machine_vm(tmp_path)
+    snapshot = fc.Snapshot(tmp_path / "images" / "template.state", tmp_path / "images" / "template.mem")
 
     async with api.Client(recorder.path) as client:
-        await fc.restore(client, fcd.config(vm), fcd.snapshot, vm.tap, identity())
+        await fc.restore(client, fcd.config(vm), snapshot, vm.tap, identity())
 
     assert recorded(recorder) == [("PUT", "/logger"), ("PUT", "/metrics"), ("PUT", "/snapshot/load"), ("PUT", "/mmds")]
     for seen in recorder.seen:
@@ -336,6 +355,73 @@ async def test_a_clone_loads_the_snapshot_on_its_own_tap_then_gets_its_identity(
         "resume_vm": True,
         "network_overrides": [{"iface_id": "eth0", "host_dev_name": vm.tap}],
     }
+
+
+async def test_a_template_boots_as_a_machine_would_but_without_an_identity(recorder: Recorder, tmp_path: Path) -> None:
+    fcd, vm = driver(tmp_path, initrd=True), machine_vm(tmp_path)
+    template = template_of(tmp_path, initrd=True)
+    directory = tmp_path / "snapshots" / "k.fcsnap.partial"
+
+    async with api.Client(recorder.path) as client:
+        await fc.boot(client, template.config(directory), None)
+
+    for seen in recorder.seen:
+        check_request(seen.method, seen.target, seen.body)
+    assert ("PUT", "/mmds") not in recorded(recorder)  # nothing in MMDS: no identity to clone
+    bodies = {s.target: json.loads(s.body) for s in recorder.seen}
+    clone = msgspec.to_builtins(fcd.config(vm))
+    assert bodies["/boot-source"]["boot_args"].split() == [*fc.BOOT_ARGS.split(), "nex.template=1"]
+    # what a clone keeps from its template must be what the clone's own config says
+    assert bodies["/drives/rootfs"] == clone["drives"][0]
+    assert bodies["/machine-config"] == clone["machine-config"]
+    assert bodies["/mmds/config"] == clone["mmds-config"]
+    assert bodies["/network-interfaces/eth0"]["iface_id"] == "eth0"
+    assert bodies["/logger"]["log_path"] == str(directory / "firecracker.log")
+
+
+def test_a_template_snapshot_is_named_by_version_image_and_shape(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    version = ["Firecracker v1.12.0"]
+    monkeypatch.setattr(fct, "firecracker_version", lambda _: version[0])
+    base = template_of(tmp_path)
+    key = base.key()
+    assert template_of(tmp_path).key() == key
+    assert template_of(tmp_path, digest="other").key() != key
+    version[0] = "Firecracker v1.13.0"
+    assert base.key() != key
+    version[0] = "Firecracker v1.12.0"
+    assert template_of(tmp_path, vcpus=2).key() != base.key()
+
+
+async def test_the_template_is_saved_at_its_ready_marker_and_not_before(tmp_path: Path) -> None:
+    read, write = os.pipe()
+    console = tmp_path / "template.log"
+    try:
+        async with trio.lowlevel.FdStream(read) as stream, trio.open_nursery() as nursery:
+            done = trio.Event()
+
+            async def wait() -> None:
+                await fct._wait_for_marker(stream, console)
+                done.set()
+
+            nursery.start_soon(wait)
+            os.write(write, b"[    0.1] Linux version 6.1\nnex-guest: ready for an iden")
+            await trio.testing.wait_all_tasks_blocked()
+            assert not done.is_set()  # half a marker is not one
+            os.write(write, b"tity\n")
+            with trio.fail_after(5):
+                await done.wait()
+        assert console.read_bytes().endswith(b"ready for an identity\n")
+
+        read, write2 = os.pipe()
+        os.write(write2, b"Kernel panic - not syncing: VFS: Unable to mount root fs\n")
+        os.close(write2)
+        async with trio.lowlevel.FdStream(read) as stream:
+            with pytest.raises(fct.TemplateFailed, match=r"ended before its agent was ready.*Unable to mount root"):
+                await fct._wait_for_marker(stream, console)
+    finally:
+        os.close(write)
 
 
 async def test_a_snapshot_pauses_then_writes_a_full_snapshot(recorder: Recorder, tmp_path: Path) -> None:
@@ -645,12 +731,15 @@ def test_guest_mmds_client_takes_a_token_then_the_contents(tmp_path: Path) -> No
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         got = mmds.fetch_metadata(5.0, "127.0.0.1", server.server_address[1])
+        puts = 0  # empty again: a template waits with no deadline until the contents are there
+        forever = mmds.fetch_metadata(None, "127.0.0.1", server.server_address[1], attempt_timeout=0.1)
         with pytest.raises(mmds.MetadataUnavailable, match="no metadata from MMDS"):
             mmds.fetch_metadata(0.2, "127.0.0.1", 9)  # nothing listens on the discard port
     finally:
         server.shutdown()
         server.server_close()
     assert msgspec.json.decode(got, type=agent_api.GuestIdentity) == identity()
-    assert [(method, path) for method, path, _ in seen] == [("PUT", "/latest/api/token"), ("GET", "/")] * 2
+    assert forever == got
+    assert [(method, path) for method, path, _ in seen] == [("PUT", "/latest/api/token"), ("GET", "/")] * 4
     assert seen[0][2]["X-metadata-token-ttl-seconds"] == "60"
     assert seen[1][2]["Accept"] == "application/json"

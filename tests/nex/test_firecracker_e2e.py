@@ -112,7 +112,7 @@ def firecracker_host() -> tuple[Path, Path, Path | None]:
     return images
 
 
-def test_a_firecracker_pool_of_one_handshakes_and_runs_an_echo_workload(
+def test_a_firecracker_pool_of_two_clones_handshakes_and_runs_an_echo_workload(
     firecracker_host: tuple[Path, Path, Path | None],
     home: Path,
     open_nats_server: NatsServerProc,
@@ -124,7 +124,7 @@ def test_a_firecracker_pool_of_one_handshakes_and_runs_an_echo_workload(
         "driver": "firecracker",
         "kernel_filepath": str(kernel),
         "rootfs_filepath": str(rootfs),
-        "machine_pool_size": 1,
+        "machine_pool_size": 2,
         "machine_template": {"vcpu_count": 1, "memsize_mib": 256},
     }
     if initrd is not None:
@@ -134,11 +134,18 @@ def test_a_firecracker_pool_of_one_handshakes_and_runs_an_echo_workload(
     node.start(obus, timeout=120)
     events = obus.collect("$NEX.events.default.*")
 
-    [vmid] = wait_pool_ready(node, obus, 1, timeout=120)  # the pool's microVM: its agent shook hands
-    machine_dir = node.state_dir / "vm" / vmid
-    assert (machine_dir / "firecracker.cfg").is_file()
-    assert int((machine_dir / "firecracker.pid").read_text().split()[0]) > 0
-    assert "Linux version" in (machine_dir / "firecracker.stdout").read_text(errors="replace")  # its console
+    vmids = wait_pool_ready(node, obus, 2, timeout=120)  # the pool's microVMs: their agents shook hands
+    [snapshot] = node.state_dir.glob("snapshots/*/*.fcsnap")  # the template's, saved at its ready marker
+    assert sorted(p.name for p in snapshot.iterdir() if p.name in ("state", "memory")) == ["memory", "state"]
+    for vmid in vmids:
+        [machine_dir] = node.state_dir.glob(f"vm/*/*/{vmid}")
+        assert json.loads((machine_dir / "driver.json").read_text())["start"] == "snapshot"  # a clone
+        assert (machine_dir / "firecracker.cfg").is_file()
+        assert int((machine_dir / "firecracker.pid").read_text().split()[0]) > 0
+        console = (machine_dir / "firecracker.stdout").read_text(errors="replace")
+        assert f"took the identity of {vmid}" in console  # from its own MMDS, after the restore
+    vmid = sorted(vmids)[0]
+    [machine_dir] = node.state_dir.glob(f"vm/*/*/{vmid}")
 
     (home / "bin").mkdir()
     (home / "bin" / "echo").write_bytes(binaries.echo)
@@ -148,7 +155,7 @@ def test_a_firecracker_pool_of_one_handshakes_and_runs_an_echo_workload(
     assert run.returncode == 0, run.stderr
     response = msgspec.json.decode(run.stdout, type=control.RunResponse)
     assert response.started
-    assert response.id == vmid  # the warm microVM took it
+    assert response.id in vmids  # a warm microVM took it
     assert echo_request(obus, "echo.fc", b"ping", timeout=60) == b"vm-ping"
 
     stop = run_cli("stop", response.id, env=user)
@@ -156,4 +163,4 @@ def test_a_firecracker_pool_of_one_handshakes_and_runs_an_echo_workload(
     ended = events.wait("default.workload_stopped", source=node.node_id, timeout=60)
     assert ended["data"]["id"] == response.id
     assert node.stop(timeout=60) == 0
-    assert not machine_dir.exists()
+    assert not list(node.state_dir.glob(f"vm/*/*/{response.id}"))

@@ -151,3 +151,21 @@ async def test_a_program_that_cannot_be_executed_exits_127_saying_why(tmp_path: 
         child = proc.spawn([str(program)], stderr=err.fileno())
     assert await child.wait() == 127
     assert f"nex: cannot start {program}: Exec format error" in (tmp_path / "stderr").read_text()
+
+
+async def test_a_child_in_a_network_namespace_of_its_own_sees_only_its_loopback() -> None:
+    if not netns.has_capabilities():
+        pytest.skip("needs CAP_SYS_ADMIN (run as root)")
+    read, write = os.pipe()
+    try:
+        script = "readlink /proc/self/ns/net; tail -n +3 /proc/self/net/dev | cut -d: -f1"
+        child = proc.spawn(["sh", "-c", script], stdout=write, own_netns=True)
+    finally:
+        os.close(write)
+    with os.fdopen(read, "rb") as out:
+        said = out.read().decode().split()
+    assert await child.wait() == 0
+    assert said[0] != os.readlink("/proc/self/ns/net"), "not the node's namespace"
+    assert said[1:] == ["lo"], "a new namespace: nothing of the host's in it"
+    with pytest.raises(ValueError, match="not both"):
+        proc.spawn(["true"], netns=Path("/run/netns/x"), own_netns=True)

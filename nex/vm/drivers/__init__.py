@@ -18,6 +18,7 @@ from nex.vm.qemu.command import VmSpec
 
 from .base import Driver
 from .firecracker import FirecrackerDriver, Jailer
+from .firecracker_template import FirecrackerTemplate
 from .process import ProcessDriver
 from .qemu import QemuDriver
 
@@ -36,24 +37,23 @@ def open_driver(
     """The driver the config names, over this node's networks and sandbox; a process driver needs the
     agent ``launcher``, a VM driver the ``image`` it boots and its accelerator; VM snapshots are kept
     under ``snapshot_root`` (None: none)."""
+    snapshots = snapshot_root / image.digest if image and snapshot_root and config.vm_snapshots else None
     match config.machine_driver():
         case "process":
             assert launcher is not None, "the process driver starts agents with a launcher"
             return ProcessDriver(networks, launcher, sandbox)
         case "qemu":
             assert image is not None, "a VM driver boots an image"
-            template = config.machine_template
             spec = VmSpec(
                 qemu=config.qemu_path,
                 kernel=image.kernel,
                 initrd=image.initrd,
                 rootfs=image.rootfs,
-                memory_mib=template.memsize_mib,
-                vcpus=template.vcpu_count,
+                memory_mib=config.machine_template.memsize_mib,
+                vcpus=config.machine_template.vcpu_count,
                 accel=accel,
                 tsc_khz=tsc_khz,
             )
-            snapshots = snapshot_root / image.digest if snapshot_root and config.vm_snapshots else None
             return QemuDriver(
                 networks,
                 sandbox,
@@ -64,6 +64,15 @@ def open_driver(
             )
         case "firecracker":
             assert image is not None, "a VM driver boots an image"
+            template = FirecrackerTemplate(
+                firecracker=config.firecracker_path,
+                kernel=image.kernel,
+                rootfs=image.rootfs,
+                initrd=image.initrd,
+                template=config.machine_template,
+                image_digest=image.digest,
+            )
+            boot_timeout = config.vm_boot_timeout_ms / 1000
             return FirecrackerDriver(
                 networks,
                 sandbox,
@@ -73,6 +82,7 @@ def open_driver(
                 template=config.machine_template,
                 firecracker=config.firecracker_path,
                 jailer=Jailer(config.jailer_path) if config.jailer_path else None,
-                boot_timeout=config.vm_boot_timeout_ms / 1000,
+                snapshots=template.snapshots(snapshots, boot_timeout) if snapshots else None,
+                boot_timeout=boot_timeout,
             )
     raise ValueError(f"no driver {config.machine_driver()!r}")  # the config's validation names the choices

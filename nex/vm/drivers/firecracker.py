@@ -18,8 +18,14 @@ metrics, machine-config, boot-source, the root drive, ``eth0``, MMDS config (V2,
 MMDS contents, then ``InstanceStart``. The agent's :class:`~nex.api.agent.GuestIdentity` (its
 metadata with the nkey seed, its network, the host's clock and fresh entropy) is the MMDS contents,
 as nex v0.2 handed its agent the metadata: MMDS answers only this guest (see :mod:`nex.agent.mmds`
-for the guest's side). Given a template snapshot, a machine is a clone instead: logger, metrics,
-``/snapshot/load`` with its own tap, resumed, then its own MMDS contents (a snapshot holds none).
+for the guest's side). Given a template snapshot (:mod:`.firecracker_template`, kept by
+:class:`~nex.vm.snapshots.TemplateSnapshots`), a machine is a clone instead: logger, metrics,
+``/snapshot/load`` with its own tap, resumed, then its own MMDS contents (a snapshot holds none); a
+clone that cannot be loaded drops the snapshot and cold-boots, and says so.
+
+The root drive is named by its host path, jailed or not: a snapshot holds its drive's path and a
+clone reopens it (Firecracker has no drive override), so a jailed machine finds the image at that
+same path inside its jail.
 
 Firecracker dies with the node (:mod:`nex.proc`), except under the jailer, which drops its
 credentials and with them the parent-death signal: so it is journaled, and crash recovery kills it by
@@ -53,6 +59,7 @@ from nex.net.netns import MachineNetwork
 from nex.net.network import Networks
 from nex.sandbox.policy import Sandbox
 from nex.vm.firecracker import api
+from nex.vm.snapshots import TemplateSnapshots
 from nex.vm.state import process_start_time
 
 from . import network as machine_network
@@ -81,6 +88,11 @@ class Snapshot:
     state: Path
     memory: Path
 
+    @staticmethod
+    def inside(directory: Path) -> Snapshot:
+        """The snapshot kept in ``directory`` (as :mod:`.firecracker_template` writes it)."""
+        return Snapshot(state=directory / "state", memory=directory / "memory")
+
 
 @dataclass(frozen=True)
 class Jailer:
@@ -105,7 +117,7 @@ class FirecrackerDriver:
         template: MachineTemplate,
         firecracker: str = "firecracker",
         jailer: Jailer | None = None,
-        snapshot: Snapshot | None = None,
+        snapshots: TemplateSnapshots | None = None,
         boot_timeout: float = 10.0,
         boot_args: str = BOOT_ARGS,
     ) -> None:
@@ -124,7 +136,7 @@ class FirecrackerDriver:
         self.template = template
         self.firecracker = firecracker
         self.jailer = jailer
-        self.snapshot = snapshot
+        self.snapshots = snapshots
         self.boot_timeout = boot_timeout
         self.boot_args = boot_args
         self._vms: dict[str, _Vm] = {}
@@ -136,7 +148,6 @@ class FirecrackerDriver:
         tap = tap_name(vmid)
         facts: dict[str, object] = {"driver": self.name, "sandbox": self.kind, "tap": tap}
         facts |= {"firecracker": self.firecracker, "jailer": self.jailer.binary if self.jailer else ""}
-        facts["start"] = "snapshot" if self.snapshot is not None else "cold boot"
         network = await self.nets.prepare(machine, facts)  # writes driver.json, tap named, before it exists
         # the tap goes with the namespace, whose release is already on machine.cleanup
         mac = await trio.to_thread.run_sync(taps.add_redirected_tap, network.netns_path, network.guest_link, tap)
@@ -147,9 +158,12 @@ class FirecrackerDriver:
         if jail is not None:  # the guest has neither the host's cgroups nor its paths to bind
             jail = msgspec.structs.replace(jail, mounts=[], cgroup=[], own_network=False, rootless=False)
         machine.metadata = msgspec.structs.replace(machine.metadata, jail=jail, log_budget=self.sandbox.log_budget())
-        machine.boot_allowance = 0.0 if self.snapshot is not None else self.boot_timeout
+        saved = await self.snapshots.get() if self.snapshots is not None else None
+        snapshot = Snapshot.inside(saved) if saved is not None else None
+        machine.boot_allowance = 0.0 if snapshot is not None else self.boot_timeout
+        facts["start"] = "snapshot" if snapshot is not None else "cold boot"
 
-        vm = _Vm(machine.dir.path, vmid, network, tap, mac, uid, self.jailer)
+        vm = _Vm(machine.dir.path, vmid, network, tap, mac, uid, self.jailer, snapshot=snapshot)
         await trio.to_thread.run_sync(self._lay_out, machine, vm)
         machine.cleanup.push(f"firecracker state of {vmid}", self._forget(vmid), durable=False)
         self._vms[vmid] = vm
@@ -177,41 +191,34 @@ class FirecrackerDriver:
             for name in ("firecracker.log", "firecracker.metrics"):
                 os.link(folder.path / name, vm.chroot / name)
                 os.chown(vm.chroot / name, vm.uid, vm.uid)
-            for source, name in self._images():
-                _link_or_copy(source, vm.chroot / name)
+            for source, name in self._images(vm):
+                target = vm.chroot / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                _link_or_copy(source, target)
         vm.config = self.config(vm)
         folder.write_json("firecracker.cfg", vm.config)
 
-    def _images(self) -> list[tuple[Path, str]]:
-        images = [(self.kernel, "vmlinux"), (self.rootfs, "rootfs")]
+    def _images(self, vm: _Vm) -> list[tuple[Path, str]]:
+        """What a jailed machine needs inside its jail: (host path, path in the jail)."""
+        images = [(self.kernel, "vmlinux"), (self.rootfs, str(self.rootfs).lstrip("/"))]
         if self.initrd is not None:
             images.append((self.initrd, "initrd"))
-        if self.snapshot is not None:
-            images += [(self.snapshot.state, "snapshot.state"), (self.snapshot.memory, "snapshot.memory")]
+        if vm.snapshot is not None:
+            images += [(vm.snapshot.state, "snapshot.state"), (vm.snapshot.memory, "snapshot.memory")]
         return images
 
     def config(self, vm: _Vm) -> api.VmConfig:
         """The machine's whole configuration, with paths as Firecracker sees them."""
         jailed = vm.chroot is not None
-        kernel = "/vmlinux" if jailed else str(self.kernel)
-        initrd = None if self.initrd is None else "/initrd" if jailed else str(self.initrd)
-        return api.VmConfig(
-            logger=api.Logger(log_path=vm.vmm_path("firecracker.log"), level="Info", show_level=True),
-            metrics=api.Metrics(metrics_path=vm.vmm_path("firecracker.metrics")),
-            machine_config=api.MachineConfiguration(
-                vcpu_count=self.template.vcpu_count, mem_size_mib=self.template.memsize_mib
-            ),
-            boot_source=api.BootSource(kernel_image_path=kernel, boot_args=self.boot_args, initrd_path=initrd),
-            drives=[
-                api.Drive(
-                    drive_id=ROOT_DRIVE,
-                    path_on_host="/rootfs" if jailed else str(self.rootfs),
-                    is_root_device=True,
-                    is_read_only=True,  # shared by every VM: the guest writes to a tmpfs over it
-                )
-            ],
-            network_interfaces=[api.NetworkInterface(iface_id=IFACE, host_dev_name=vm.tap, guest_mac=vm.mac)],
-            mmds_config=api.MmdsConfig(version="V2", network_interfaces=[IFACE]),
+        return vm_config(
+            kernel="/vmlinux" if jailed else str(self.kernel),
+            initrd=None if self.initrd is None else "/initrd" if jailed else str(self.initrd),
+            rootfs=self.rootfs,
+            template=self.template,
+            boot_args=self.boot_args,
+            tap=vm.tap,
+            mac=vm.mac,
+            files=vm.vmm_path,
         )
 
     @property
@@ -236,27 +243,48 @@ class FirecrackerDriver:
         )
         if self.jailer is not None:
             await trio.to_thread.run_sync(_own_tap, vm.network.netns_path, vm.tap, vm.uid)
-        child = self._spawn(machine, vm)
-        client = api.Client(vm.socket)
-        handle = FirecrackerVm(child, client)
-        started.append(handle)  # no checkpoint since the spawn
-        vm.pid = child.pid
-        pidfile.write_text(f"{child.pid} {process_start_time(child.pid)}\n")
-        machine.dir.write_pid(child.pid)
-        machine.dir.note(f"firecracker pid {child.pid}: {' '.join(child.argv)}")
-        await api.wait_for_socket(vm.socket, SOCKET_TIMEOUT, alive=lambda: child.returncode is None)
+        handle, client = await self._launch(machine, vm, started)
         identity = agent_api.GuestIdentity(
             metadata=machine.metadata,
             network=agent_api.GuestNetwork(address=vm.network.address, prefixlen=32, gateway=vm.network.gateway),
             time_ns=time.time_ns(),
             entropy=base64.b64encode(secrets.token_bytes(64)).decode(),
         )
-        if self.snapshot is None:
+        if vm.snapshot is None:
             await boot(client, vm.config, identity)
         else:
-            await restore(client, vm.config, vm.snapshot_paths(self.snapshot), vm.tap, identity)
-        machine.dir.note(f"firecracker {'restored' if self.snapshot else 'booted'}, identity in MMDS")
+            try:
+                await restore(client, vm.config, vm.snapshot_paths(vm.snapshot), vm.tap, identity)
+            except api.ApiError as exc:  # a clone's Firecracker cannot boot after a load: a new one
+                if self.snapshots is not None:
+                    self.snapshots.forget(str(exc))
+                if self.jailer is not None:  # a second jailer would not reuse the first's jail: replaced
+                    raise
+                machine.dir.note(f"restore failed, cold boot: {exc}")
+                await stop_started()
+                started.clear()
+                vm.snapshot = None
+                machine.boot_allowance = self.boot_timeout
+                handle, client = await self._launch(machine, vm, started)
+                await boot(client, vm.config, identity)
+        machine.dir.note(f"firecracker {'restored' if vm.snapshot else 'booted'}, identity in MMDS")
         return handle
+
+    async def _launch(
+        self, machine: MachineContext, vm: _Vm, started: list[FirecrackerVm]
+    ) -> tuple[FirecrackerVm, api.Client]:
+        """A new Firecracker for ``vm``, in ``started`` as soon as it exists, once its API answers."""
+        vm.socket.unlink(missing_ok=True)  # a Firecracker before it (a failed restore) left its socket
+        child = self._spawn(machine, vm)
+        client = api.Client(vm.socket)
+        handle = FirecrackerVm(child, client)
+        started.append(handle)  # no checkpoint since the spawn
+        vm.pid = child.pid
+        (machine.dir.path / "firecracker.pid").write_text(f"{child.pid} {process_start_time(child.pid)}\n")
+        machine.dir.write_pid(child.pid)
+        machine.dir.note(f"firecracker pid {child.pid}: {' '.join(child.argv)}")
+        await api.wait_for_socket(vm.socket, SOCKET_TIMEOUT, alive=lambda: child.returncode is None)
+        return handle, client
 
     def _spawn(self, machine: MachineContext, vm: _Vm) -> proc.ChildProcess:
         if self.jailer is None:
@@ -293,17 +321,6 @@ class FirecrackerDriver:
                 facts["pid"] = str(vm.pid)
         return facts
 
-    # -- snapshots -----------------------------------------------------------------------------------
-
-    async def snapshot_machine(self, machine: MachineContext, handle: MachineHandle, into: Snapshot) -> None:
-        """Take a full snapshot of a running machine (a template whose agent is ready) into ``into``;
-        the VM stays paused: stop it after. Without the jailer only: a jailed VM writes in its chroot."""
-        if not isinstance(handle, FirecrackerVm):
-            raise TypeError(f"not a Firecracker machine: {handle!r}")
-        if self.jailer is not None:
-            raise NotImplementedError("snapshots of jailed VMs: copy them out of the chroot first")
-        await create_snapshot(handle.client, into.state, into.memory)
-
 
 @dataclass
 class _Vm:
@@ -318,6 +335,7 @@ class _Vm:
     jailer: Jailer | None
     config: api.VmConfig | None = None
     pid: int = 0
+    snapshot: Snapshot | None = None  # the template's, when the machine starts as a clone
 
     @property
     def chroot_base(self) -> Path:
@@ -348,9 +366,40 @@ class _Vm:
 # -- the API sequences -----------------------------------------------------------------------------------
 
 
-async def boot(client: api.Client, config: api.VmConfig | None, identity: agent_api.GuestIdentity) -> None:
-    """Configure a fresh Firecracker call by call from ``config``, put the agent's identity in MMDS,
-    and start the guest."""
+def vm_config(
+    *,
+    kernel: str,
+    initrd: str | None,
+    rootfs: Path,
+    template: MachineTemplate,
+    boot_args: str,
+    tap: str,
+    mac: str,
+    files: Callable[[str], str],
+) -> api.VmConfig:
+    """A whole VM configuration: the kernel and initrd as Firecracker sees them, the root drive by its
+    host path (see the module docstring), ``files(name)`` for the logger's and metrics' files."""
+    return api.VmConfig(
+        logger=api.Logger(log_path=files("firecracker.log"), level="Info", show_level=True),
+        metrics=api.Metrics(metrics_path=files("firecracker.metrics")),
+        machine_config=api.MachineConfiguration(vcpu_count=template.vcpu_count, mem_size_mib=template.memsize_mib),
+        boot_source=api.BootSource(kernel_image_path=kernel, boot_args=boot_args, initrd_path=initrd),
+        drives=[
+            api.Drive(
+                drive_id=ROOT_DRIVE,
+                path_on_host=str(rootfs),
+                is_root_device=True,
+                is_read_only=True,  # shared by every VM: the guest writes to a tmpfs over it
+            )
+        ],
+        network_interfaces=[api.NetworkInterface(iface_id=IFACE, host_dev_name=tap, guest_mac=mac)],
+        mmds_config=api.MmdsConfig(version="V2", network_interfaces=[IFACE]),
+    )
+
+
+async def boot(client: api.Client, config: api.VmConfig | None, identity: agent_api.GuestIdentity | None) -> None:
+    """Configure a fresh Firecracker call by call from ``config``, put the agent's identity in MMDS
+    (a template has none yet), and start the guest."""
     assert config is not None
     if config.logger is not None:
         await client.put("/logger", config.logger)
@@ -364,7 +413,8 @@ async def boot(client: api.Client, config: api.VmConfig | None, identity: agent_
         await client.put(f"/network-interfaces/{iface.iface_id}", iface)
     if config.mmds_config is not None:
         await client.put("/mmds/config", config.mmds_config)
-    await client.put("/mmds", identity)
+    if identity is not None:
+        await client.put("/mmds", identity)
     await client.put("/actions", api.InstanceActionInfo(action_type="InstanceStart"))
 
 

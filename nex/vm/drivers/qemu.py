@@ -6,7 +6,7 @@ fence), plus a tap ``nx…t`` in the namespace redirected both ways with the vet
 image's, read-only and shared by every VM; each VM writes only to a tmpfs overlaid on it in its own
 memory. The console goes to the machine's ``stdout`` file.
 
-A machine is restored from the template's snapshot when there is one (:mod:`nex.vm.qemu.snapshots`),
+A machine is restored from the template's snapshot when there is one (:mod:`nex.vm.snapshots`),
 and cold-booted otherwise, or when a restore fails (and the node says so). Either way the agent gets
 its :class:`~nex.api.agent.GuestIdentity` over its private channel once qemu runs.
 
@@ -37,8 +37,8 @@ from nex.net import tap as taps
 from nex.net.network import Networks
 from nex.sandbox.cgroups import Limits
 from nex.sandbox.policy import Sandbox
+from nex.vm.qemu import snapshots as qemu_snapshots
 from nex.vm.qemu.command import VmSpec
-from nex.vm.qemu.snapshots import Snapshots
 from nex.vm.qemu.vm import QemuVm, VmFailed, launch
 
 from . import network as machine_network
@@ -80,7 +80,7 @@ class QemuDriver:
         self.spec = spec
         self.boot_timeout = boot_timeout
         self.snapshots = (
-            Snapshots(spec, snapshot_dir, image_digest, boot_timeout, runas=sandbox.uid_for(None))
+            qemu_snapshots.snapshots(spec, snapshot_dir, image_digest, boot_timeout, runas=sandbox.uid_for(None))
             if snapshot_dir
             else None
         )

@@ -184,23 +184,18 @@ async def _migration_done(vm: QemuVm, what: str) -> None:
 
 
 async def save_snapshot(vm: QemuVm, path: Path) -> int:
-    """Save the (ready) VM to ``path``, written whole or not at all; its size."""
-    partial = path.with_name(path.name + ".partial")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    """Save the (ready) VM to a new file ``path``; its size. The caller makes it whole or nothing
+    (:class:`~nex.vm.snapshots.TemplateSnapshots` writes under a partial name and renames)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         await vm.qmp.execute("stop")
         await vm.qmp.execute("getfd", fd=fd, fdname="snapshot")
     finally:
         os.close(fd)
-    try:
-        await vm.qmp.execute("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
-        # a migration is throttled to 128 MiB/s by default (meant for a live one over a network): a
-        # stopped VM saved to a local file should go as fast as the disk takes it
-        await vm.qmp.execute("migrate-set-parameters", **{"max-bandwidth": UNTHROTTLED})
-        await vm.qmp.execute("migrate", uri="fd:snapshot")
-        await _migration_done(vm, "snapshot")
-        size = os.stat(partial).st_size
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return size
+    await vm.qmp.execute("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
+    # a migration is throttled to 128 MiB/s by default (meant for a live one over a network): a
+    # stopped VM saved to a local file should go as fast as the disk takes it
+    await vm.qmp.execute("migrate-set-parameters", **{"max-bandwidth": UNTHROTTLED})
+    await vm.qmp.execute("migrate", uri="fd:snapshot")
+    await _migration_done(vm, "snapshot")
+    return os.stat(path).st_size
