@@ -16,6 +16,7 @@ A snapshot is a file or a directory (Firecracker's are two files), named ``<key>
 from __future__ import annotations
 
 import shutil
+import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -107,3 +108,18 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def said_saved(path: Path, boot_s: float, save_s: float, size: int) -> None:
+    """Log a template made: how long its boot and its save took, and its size."""
+    log.info("Saved the template VM", path=str(path), boot_s=f"{boot_s:.2f}", save_s=f"{save_s:.2f}", mib=size >> 20)
+
+
+def program_version(program: str) -> str:
+    """``program --version``'s first line (blocking): a snapshot fits only the hypervisor version that
+    saved it."""
+    try:
+        result = subprocess.run([program, "--version"], capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise OSError(f"cannot run {program} --version: {exc}") from None
+    return result.stdout.splitlines()[0] if result.stdout else ""

@@ -383,7 +383,7 @@ def test_a_template_snapshot_is_named_by_version_image_and_shape(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     version = ["Firecracker v1.12.0"]
-    monkeypatch.setattr(fct, "firecracker_version", lambda _: version[0])
+    monkeypatch.setattr(fct, "program_version", lambda _: version[0])
     base = template_of(tmp_path)
     key = base.key()
     assert template_of(tmp_path).key() == key

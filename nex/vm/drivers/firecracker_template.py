@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from nex import logs, proc
 from nex.api.agent import READY_MARKER, TEMPLATE_ARG
 from nex.config import MachineTemplate
 from nex.vm.firecracker import api
-from nex.vm.snapshots import TemplateFailed, TemplateSnapshots
+from nex.vm.snapshots import TemplateFailed, TemplateSnapshots, program_version, said_saved
 
 from .firecracker import BOOT_ARGS, SOCKET_TIMEOUT, Snapshot, boot, create_snapshot, vm_config
 
@@ -80,7 +79,7 @@ class FirecrackerTemplate:
         """Names the snapshot (blocking): Firecracker's version, the image, and the configuration but
         the paths of the template's own files."""
         shape = msgspec.structs.replace(self.config(Path("/")), logger=None, metrics=None)
-        text = "\0".join([firecracker_version(self.firecracker), self.image_digest, api.body(shape).decode()])
+        text = "\0".join([program_version(self.firecracker), self.image_digest, api.body(shape).decode()])
         return hashlib.sha256(text.encode()).hexdigest()[:24]
 
     async def make(self, path: Path) -> None:
@@ -120,13 +119,7 @@ class FirecrackerTemplate:
                 child.signal(signal.SIGKILL)  # paused, or never ready: nothing to ask it
                 await child.wait()
         size = await trio.to_thread.run_sync(_finish, path, snapshot)
-        log.info(
-            "Saved the template VM",
-            path=str(path),
-            boot_s=f"{booted:.2f}",
-            save_s=f"{time.monotonic() - begun - booted:.2f}",
-            mib=size >> 20,
-        )
+        said_saved(path, booted, time.monotonic() - begun - booted, size)
 
 
 def _lay_out(path: Path) -> None:
@@ -160,12 +153,3 @@ async def _wait_for_marker(stream: trio.lowlevel.FdStream, console: Path) -> Non
                 out.write(chunk)
                 out.flush()
             seen = (seen + chunk)[-(len(marker) + 65536) :]
-
-
-def firecracker_version(firecracker: str) -> str:
-    """Firecracker's first ``--version`` line (its snapshots fit only the same version)."""
-    try:
-        result = subprocess.run([firecracker, "--version"], capture_output=True, text=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise OSError(f"cannot run {firecracker} --version: {exc}") from None
-    return result.stdout.splitlines()[0] if result.stdout else ""

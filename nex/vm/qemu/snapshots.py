@@ -7,14 +7,13 @@ for an identity), and it is saved (``stop``, then ``migrate`` to a file). The sn
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 
 import trio
 
 from nex import logs
-from nex.vm.snapshots import TemplateFailed, TemplateSnapshots
+from nex.vm.snapshots import TemplateFailed, TemplateSnapshots, program_version, said_saved
 
 from .command import VmSpec
 from .qmp import QmpError
@@ -31,7 +30,7 @@ def snapshots(
     ``runas``."""
 
     def key() -> str:
-        return spec.snapshot_key(qemu_version(spec.qemu), image_digest)
+        return spec.snapshot_key(program_version(spec.qemu), image_digest)
 
     async def make(path: Path) -> None:
         await make_template(spec, path, runas)
@@ -57,19 +56,4 @@ async def make_template(spec: VmSpec, path: Path, runas: int | None) -> None:
         with trio.CancelScope(shield=True):
             for vm in started:
                 await vm.stop(grace=1.0)
-    log.info(
-        "Saved the template VM",
-        path=str(path),
-        boot_s=f"{booted:.2f}",
-        save_s=f"{time.monotonic() - begun - booted:.2f}",
-        mib=size >> 20,
-    )
-
-
-def qemu_version(qemu: str) -> str:
-    """qemu's first ``--version`` line (its snapshots fit only the same version)."""
-    try:
-        result = subprocess.run([qemu, "--version"], capture_output=True, text=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise OSError(f"cannot run {qemu} --version: {exc}") from None
-    return result.stdout.splitlines()[0] if result.stdout else ""
+    said_saved(path, booted, time.monotonic() - begun - booted, size)
