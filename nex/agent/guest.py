@@ -96,6 +96,7 @@ def pid1() -> None:
 def agent_main() -> int:
     """Import, say ready, take the identity, then run as the machine's agent; the exit code."""
     import msgspec
+    import nkeys  # noqa: F401  nats-py imports it (and PyNaCl, and loads libsodium) only to sign its first CONNECT
 
     from nex.agent import main as agent  # the heavy imports: done before ready, so clones skip them
     from nex.api import agent as api

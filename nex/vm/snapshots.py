@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -32,11 +34,19 @@ class TemplateFailed(Exception):
     """The template VM could not be made or saved (the message says why)."""
 
 
+@dataclass(frozen=True)
+class Made:
+    """What making a template took: its boot (to "agent ready") and the snapshot's size."""
+
+    boot_s: float
+    size: int
+
+
 class TemplateSnapshots:
     """The template snapshot of one driver under ``directory``.
 
     ``key`` (blocking: run in a thread) names the snapshot; ``make(path)`` boots a template VM and
-    saves it at ``path`` (a file or a directory that does not exist yet), raising
+    saves it at ``path`` (a file or a directory that does not exist yet), saying what it took, or raising
     :class:`TemplateFailed` or :class:`OSError` when it cannot; ``timeout`` bounds it.
     """
 
@@ -45,7 +55,7 @@ class TemplateSnapshots:
         directory: Path,
         *,
         key: Callable[[], str],
-        make: Callable[[Path], Awaitable[None]],
+        make: Callable[[Path], Awaitable[Made]],
         suffix: str,
         timeout: float,
     ) -> None:
@@ -57,6 +67,11 @@ class TemplateSnapshots:
         self.failed = ""  # why machines cold-boot, once the template could not be saved
         self._lock = trio.Lock()
         self._path: Path | None = None
+
+    @property
+    def made(self) -> bool:
+        """Whether the snapshot is there already (a :meth:`get` returns at once)."""
+        return self._path is not None
 
     async def get(self) -> Path | None:
         """The snapshot to restore machines from, made if needed; None: cold-boot (see ``failed``)."""
@@ -89,10 +104,18 @@ class TemplateSnapshots:
     async def _make(self, path: Path) -> None:
         partial = path.with_name(path.name + PARTIAL)
         _remove(partial)
+        begun = time.monotonic()
         try:
             with trio.fail_after(self.timeout):
-                await self.make(partial)
+                made = await self.make(partial)
             partial.rename(path)
+            log.info(
+                "Saved the template VM",
+                path=str(path),
+                boot_s=f"{made.boot_s:.2f}",
+                save_s=f"{time.monotonic() - begun - made.boot_s:.2f}",
+                mib=made.size >> 20,
+            )
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(_remove, partial)
@@ -108,11 +131,6 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
-
-
-def said_saved(path: Path, boot_s: float, save_s: float, size: int) -> None:
-    """Log a template made: how long its boot and its save took, and its size."""
-    log.info("Saved the template VM", path=str(path), boot_s=f"{boot_s:.2f}", save_s=f"{save_s:.2f}", mib=size >> 20)
 
 
 def program_version(program: str) -> str:

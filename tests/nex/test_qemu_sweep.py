@@ -87,3 +87,24 @@ async def test_a_vm_start_cancelled_at_every_step_leaves_nothing(
     assert swept >= 40, "a VM's start has many steps: netlink, tap, tc, qemu, QMP, restore, identity, handshake"
     assert scenario.ready, "the last run must complete"
     assert processes_mentioning(str(tmp_path / "vm")) == {}
+
+
+async def test_a_snapshot_qemu_cannot_restore_is_dropped_and_the_machine_cold_boots(
+    vm_parts: tuple[MachineDeps, AgentCredentials],
+) -> None:
+    deps, credentials = vm_parts
+    driver = deps.driver
+    assert isinstance(driver, QemuDriver)
+    assert driver.snapshots is not None
+    snapshot = await driver.snapshots.get()
+    assert snapshot is not None
+    await trio.to_thread.run_sync(snapshot.write_bytes, b"QEVM\0\0\0\3" + b"\xff" * 4096)  # not a VM's state
+    scenario = MachineStarts(deps, credentials)
+
+    with trio.fail_after(300):
+        await scenario()
+
+    assert scenario.ready == scenario.runs, "the machine came up all the same (cold-booted)"
+    assert not driver.snapshots.made, "the snapshot that failed is forgotten"
+    assert not snapshot.exists(), "and removed: the next machine makes a new one"
+    assert driver.snapshots.failed == ""

@@ -15,7 +15,7 @@ import trio
 import trio.testing
 from trio.testing import MockClock
 
-from nex.vm.snapshots import TemplateFailed, TemplateSnapshots
+from nex.vm.snapshots import Made, TemplateFailed, TemplateSnapshots
 
 
 class Maker:
@@ -27,13 +27,14 @@ class Maker:
         self.release = trio.Event()
         self.release.set()
 
-    async def __call__(self, path: Path) -> None:
+    async def __call__(self, path: Path) -> Made:
         self.made.append(path)
         await trio.to_thread.run_sync(self._write, path)
         self.called.set()
         await self.release.wait()
         if self.fail:
             raise TemplateFailed(self.fail)
+        return Made(boot_s=0.0, size=1)
 
     def _write(self, path: Path) -> None:
         assert not path.exists(), "a maker writes a new file or directory"

@@ -29,7 +29,7 @@ from nex import logs, proc
 from nex.api.agent import READY_MARKER, TEMPLATE_ARG
 from nex.config import MachineTemplate
 from nex.vm.firecracker import api
-from nex.vm.snapshots import TemplateFailed, TemplateSnapshots, program_version, said_saved
+from nex.vm.snapshots import Made, TemplateFailed, TemplateSnapshots, program_version
 
 from .firecracker import BOOT_ARGS, SOCKET_TIMEOUT, Snapshot, boot, create_snapshot, vm_config
 
@@ -82,7 +82,7 @@ class FirecrackerTemplate:
         text = "\0".join([program_version(self.firecracker), self.image_digest, api.body(shape).decode()])
         return hashlib.sha256(text.encode()).hexdigest()[:24]
 
-    async def make(self, path: Path) -> None:
+    async def make(self, path: Path) -> Made:
         """Boot the template, wait for its marker, and snapshot it into the new directory ``path``."""
         await trio.to_thread.run_sync(_lay_out, path)
         console = path.parent / "template.log"
@@ -119,7 +119,7 @@ class FirecrackerTemplate:
                 child.signal(signal.SIGKILL)  # paused, or never ready: nothing to ask it
                 await child.wait()
         size = await trio.to_thread.run_sync(_finish, path, snapshot)
-        said_saved(path, booted, time.monotonic() - begun - booted, size)
+        return Made(boot_s=booted, size=size)
 
 
 def _lay_out(path: Path) -> None:

@@ -39,7 +39,7 @@ from nex.sandbox.cgroups import Limits
 from nex.sandbox.policy import Sandbox
 from nex.vm.qemu import snapshots as qemu_snapshots
 from nex.vm.qemu.command import VmSpec
-from nex.vm.qemu.vm import QemuVm, VmFailed, launch
+from nex.vm.qemu.vm import QemuVm, VmFailed, launch, restore
 
 from . import network as machine_network
 from .base import DriverUnavailable, MachineContext, MachineHandle, NotOurs, Releaser
@@ -84,7 +84,7 @@ class QemuDriver:
             if snapshot_dir
             else None
         )
-        self._restore_from: dict[str, Path | None] = {}
+        self._clones: set[str] = set()  # the vmids prepared to start as clones
         self._confined: dict[str, tuple[int, list[str]]] = {}  # by vmid: qemu's uid and cgroup
 
     async def prepare(self, machine: MachineContext) -> None:
@@ -102,16 +102,17 @@ class QemuDriver:
         if jail is not None:  # the guest has neither the host's cgroups nor its paths to bind
             jail = msgspec.structs.replace(jail, mounts=[], cgroup=[], own_network=False, rootless=False)
         machine.metadata = msgspec.structs.replace(machine.metadata, jail=jail, log_budget=self.sandbox.log_budget())
-        snapshot = await self.snapshots.get() if self.snapshots is not None else None
-        self._restore_from[machine.vmid] = snapshot
-        machine.boot_allowance = self._clone_allowance() if snapshot is not None else self.boot_timeout
-        facts |= {"tap": tap, "start": "snapshot" if snapshot else "cold boot"}
+        clone = self.snapshots is not None and not self.snapshots.failed
+        if clone:
+            self._clones.add(machine.vmid)
+        machine.boot_allowance = self._allowance(clone)
+        facts |= {"tap": tap, "start": "snapshot" if clone else "cold boot"}
         machine.dir.write_json("driver.json", facts)
         machine.dir.write_json("metadata.json", msgspec.structs.replace(machine.metadata, node_nats_nkey=""))
 
     def _forget(self, vmid: str) -> Callable[[], Awaitable[None]]:
         async def forget() -> None:  # what prepare left for a start that never came
-            self._restore_from.pop(vmid, None)
+            self._clones.discard(vmid)
             self._confined.pop(vmid, None)
 
         return forget
@@ -126,8 +127,16 @@ class QemuDriver:
             cpuset=self.sandbox.config.machine_template.cpuset,
         )
 
-    def _clone_allowance(self) -> float:
-        return TCG_CLONE_ALLOWANCE if self.spec.accel == "tcg" else 0.0
+    def _allowance(self, clone: bool) -> float:
+        """Seconds a machine's start may take beyond the handshake timeout: a cold boot's; a clone's
+        under TCG; and while the template is still to be made, its boot and perhaps a cold boot
+        after it (if it fails)."""
+        if not clone:
+            return self.boot_timeout
+        allowance = TCG_CLONE_ALLOWANCE if self.spec.accel == "tcg" else 0.0
+        if self.snapshots is not None and not self.snapshots.made:
+            allowance += 2 * self.boot_timeout
+        return allowance
 
     @property
     def kind(self) -> str:
@@ -146,7 +155,8 @@ class QemuDriver:
 
         # journaled before qemu exists: crash recovery finds it by its console path (see releasers)
         machine.cleanup.push(f"qemu of {vmid}", stop_started, kind="qemu", data={"console": str(console)})
-        snapshot = self._restore_from.pop(vmid, None)
+        clone = vmid in self._clones
+        self._clones.discard(vmid)
         uid, cgroup = self._confined.pop(vmid)
         start_vm = functools.partial(
             launch,
@@ -159,17 +169,7 @@ class QemuDriver:
             cgroups=cgroup,
             console_cap=CONSOLE_MAX_BYTES,
         )
-        try:
-            vm = await start_vm(snapshot=snapshot)
-        except VmFailed as exc:
-            if snapshot is None or self.snapshots is None:
-                raise
-            machine.dir.note(f"restore failed, cold boot: {exc}")
-            self.snapshots.forget(str(exc))
-            await stop_started()
-            started.clear()
-            machine.boot_allowance = self.boot_timeout
-            vm = await start_vm()
+        vm = await (self._clone(machine, start_vm, started) if clone else start_vm())
         machine.dir.write_pid(vm.pid)
         identity = agent_api.GuestIdentity(
             metadata=machine.metadata,
@@ -178,8 +178,29 @@ class QemuDriver:
             entropy=base64.b64encode(secrets.token_bytes(64)).decode(),
         )
         await vm.send_identity(identity)
-        machine.dir.note(f"qemu pid {vm.pid} ({'restored' if snapshot else 'booted'}), identity sent")
+        machine.dir.note(f"qemu pid {vm.pid} ({'restored' if clone else 'booted'}), identity sent")
         return vm
+
+    async def _clone(
+        self, machine: MachineContext, start_vm: Callable[..., Awaitable[QemuVm]], started: list[QemuVm]
+    ) -> QemuVm:
+        """A clone of the template: its qemu starts at once, waiting for a snapshot, so that starting
+        qemu (a good part of a restore) overlaps the template's boot when there is one to wait for;
+        a cold boot if there is no snapshot after all, or it cannot be restored (and the node says so)."""
+        assert self.snapshots is not None
+        vm = await start_vm(incoming=True)
+        snapshot = await self.snapshots.get()
+        if snapshot is not None:
+            try:
+                await restore(vm, snapshot, machine.dir.stdout)
+                return vm
+            except VmFailed as exc:
+                machine.dir.note(f"restore failed, cold boot: {exc}")
+                self.snapshots.forget(str(exc))
+        await vm.stop(0)
+        started.clear()
+        machine.boot_allowance += self.boot_timeout
+        return await start_vm()
 
     async def stop(self, machine: MachineContext, handle: MachineHandle, grace: float) -> None:
         await handle.stop(grace)

@@ -13,7 +13,7 @@ from pathlib import Path
 import trio
 
 from nex import logs
-from nex.vm.snapshots import TemplateFailed, TemplateSnapshots, program_version, said_saved
+from nex.vm.snapshots import Made, TemplateFailed, TemplateSnapshots, program_version
 
 from .command import VmSpec
 from .qmp import QmpError
@@ -32,13 +32,13 @@ def snapshots(
     def key() -> str:
         return spec.snapshot_key(program_version(spec.qemu), image_digest)
 
-    async def make(path: Path) -> None:
-        await make_template(spec, path, runas)
+    async def make(path: Path) -> Made:
+        return await make_template(spec, path, runas)
 
     return TemplateSnapshots(directory, key=key, make=make, suffix=SUFFIX, timeout=boot_timeout)
 
 
-async def make_template(spec: VmSpec, path: Path, runas: int | None) -> None:
+async def make_template(spec: VmSpec, path: Path, runas: int | None) -> Made:
     """Boot the template VM, wait for its agent to say ready, and save it to ``path``."""
     console = path.parent / "template.log"
     console.unlink(missing_ok=True)
@@ -56,4 +56,4 @@ async def make_template(spec: VmSpec, path: Path, runas: int | None) -> None:
         with trio.CancelScope(shield=True):
             for vm in started:
                 await vm.stop(grace=1.0)
-    said_saved(path, booted, time.monotonic() - begun - booted, size)
+    return Made(boot_s=booted, size=size)

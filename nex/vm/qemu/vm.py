@@ -100,12 +100,14 @@ async def launch(
     netns: Path | None = None,
     tap: str | None = None,
     snapshot: Path | None = None,
+    incoming: bool = False,
     started: list[QemuVm] | None = None,
     runas: int | None = None,
     cgroups: Sequence[str] = (),
     console_cap: int | None = None,
 ) -> QemuVm:
-    """Start a VM: a boot, or a restore of ``snapshot`` (running once this returns); qemu starts in
+    """Start a VM: a boot, or a restore of ``snapshot`` (running once this returns), or with
+    ``incoming`` a qemu that waits to be given one (:func:`restore`); qemu starts in
     ``cgroups`` and runs as uid ``runas`` once it has opened what it needs. ``console_cap`` bounds every
     file qemu writes (``RLIMIT_FSIZE``): the console file, which the guest fills at will, so that a VM
     that writes past it is ended (SIGXFSZ) instead of filling the host's disk; never for a template,
@@ -127,7 +129,7 @@ async def launch(
             agent_fd=agent_theirs.fileno(),
             console=console,
             tap=tap,
-            incoming=snapshot is not None,
+            incoming=incoming or snapshot is not None,
             runas=runas,
         )
         child = proc.spawn(
@@ -154,11 +156,23 @@ async def launch(
         started.append(vm)
     try:
         await vm.qmp.handshake()
-        if snapshot is not None:
-            await _restore(vm, snapshot)
     except (QmpError, OSError) as exc:  # an error, or qemu gone (its monitor reset or closed)
         raise VmFailed(f"qemu (pid {vm.pid}): {exc}; its output is in {console}") from None
+    if snapshot is not None:
+        await restore(vm, snapshot, console)
     return vm
+
+
+async def restore(vm: QemuVm, snapshot: Path, console: Path) -> None:
+    """Restore ``snapshot`` into ``vm`` (launched ``incoming``) and let it run.
+
+    Raises:
+        VmFailed: qemu refused the snapshot, or is gone (its output is in ``console``).
+    """
+    try:
+        await _restore(vm, snapshot)
+    except (QmpError, OSError) as exc:
+        raise VmFailed(f"qemu (pid {vm.pid}): {exc}; its output is in {console}") from None
 
 
 async def _restore(vm: QemuVm, snapshot: Path) -> None:
