@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import os
 import re
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -105,7 +106,7 @@ class Artifact:
 
 def deploy_body(
     artifact: Artifact,
-    node: control.PingResponse,
+    node: control.PingResponse | control.AuctionResponse,
     name: str,
     keys: RequesterKeys,
     *,
@@ -113,6 +114,7 @@ def deploy_body(
     argv: list[str] | None = None,
     description: str = "",
     essential: bool = False,
+    workload_type: str = "native",
 ) -> bytes:
     """The ``$NEX.DEPLOY`` body that runs ``artifact`` as ``name`` on ``node``: the environment
     sealed to the node's xkey, the JWT (with the artifact's sha256) signed by ``keys.issuer``."""
@@ -126,6 +128,7 @@ def deploy_body(
         argv=argv or [],
         description=description,
         essential=essential,
+        workload_type=workload_type,
     )
     return workload_request.deploy_request(deploy, keys.issuer, keys.xkey)
 
@@ -221,6 +224,30 @@ class NexClient:
         what = "several nodes answered" if node_id is None else f"several node ids start with {node_id!r}"
         raise NexError(f"{what}; give a node id:\n{listing}")
 
+    async def auction(self, request: control.AuctionRequest) -> list[control.AuctionResponse]:
+        """The bids of every node that would take a workload like ``request`` (``$NEX.AUCTION``),
+        gathered for :data:`DISCOVERY_WINDOW` (or --timeout if shorter)."""
+        window = min(self.timeout, DISCOVERY_WINDOW)
+        return await self._gather(
+            subjects.AUCTION,
+            control.AuctionResponse,
+            None,
+            window=window,
+            key=lambda bid: bid.node_id,
+            payload=msgspec.json.encode(request),
+        )
+
+    async def place(self, request: control.AuctionRequest) -> control.AuctionResponse:
+        """The node to run a workload like ``request``: the least loaded bidder, ties at random."""
+        bids = await self.auction(request)
+        if not bids:
+            wanted = msgspec.json.encode(request).decode()
+            raise NexError(
+                f"no node bid for the workload on {subjects.AUCTION} within {min(self.timeout, DISCOVERY_WINDOW):g}s "
+                f"(asked for {wanted}); nodes in lame duck or at their workload limit do not bid: see `nex ls`"
+            )
+        return pick(bids)
+
     async def info(self, node_id: str) -> control.InfoResponse:
         return await self._request(subjects.info(self.namespace, node_id), b"", control.InfoResponse)
 
@@ -270,7 +297,7 @@ class NexClient:
         raw = base64.urlsafe_b64decode(digest + "=" * (-len(digest) % 4))
         return Artifact(location=location, hash=raw.hex(), size=info.size or 0)
 
-    async def deploy(self, node: control.PingResponse, body: bytes) -> control.RunResponse:
+    async def deploy(self, node: control.PingResponse | control.AuctionResponse, body: bytes) -> control.RunResponse:
         return await self._request(subjects.deploy(self.namespace, node.node_id), body, control.RunResponse)
 
     async def probe(self, target: str | None = None, *, first: bool = False) -> list[control.WorkloadPingResponse]:
@@ -358,6 +385,7 @@ class NexClient:
         *,
         window: float | None = None,
         key: Callable[[T], str] | None = None,
+        payload: bytes = b"",
     ) -> list[T]:
         """Scatter/gather: the answers to ``subject`` within ``window`` (the timeout), or the first ``expect``.
 
@@ -370,14 +398,14 @@ class NexClient:
         found: dict[object, T] = {}
         reask = expect is not None and key is not None
         try:
-            await self.nc.publish(subject, b"", reply=inbox)
+            await self.nc.publish(subject, payload, reply=inbox)
             deadline = time.monotonic() + (self.timeout if window is None else window)
             next_ask = time.monotonic() + REASK
             while (remaining := deadline - time.monotonic()) > 0 and (expect is None or len(found) < expect):
                 wait = remaining
                 if reask:
                     if time.monotonic() >= next_ask:
-                        await self.nc.publish(subject, b"", reply=inbox)
+                        await self.nc.publish(subject, payload, reply=inbox)
                         next_ask = time.monotonic() + REASK
                     wait = max(0.001, min(remaining, next_ask - time.monotonic()))
                 try:
@@ -399,6 +427,17 @@ class NexClient:
         except nats.errors.TimeoutError:
             raise NexError(f"no answer on {subject} within {self.timeout:g}s") from None
         return _unwrap(msg.data, kind)
+
+
+def pick(bids: list[control.AuctionResponse]) -> control.AuctionResponse:
+    """Among bids, the least loaded node (fewest workloads, then most warm machines), ties at random
+    (so that clients placing at once spread their workloads)."""
+
+    def load(bid: control.AuctionResponse) -> tuple[int, int]:
+        return bid.running_machines, -bid.ready_machines
+
+    least = min(load(bid) for bid in bids)
+    return secrets.choice([bid for bid in bids if load(bid) == least])
 
 
 def _unwrap(data: bytes, kind: type[T]) -> T:

@@ -40,6 +40,7 @@ INFO_RESPONSE = f"{TYPE_PREFIX}.info_response"
 RUN_RESPONSE = f"{TYPE_PREFIX}.run_response"
 STOP_RESPONSE = f"{TYPE_PREFIX}.stop_response"
 LAMEDUCK_RESPONSE = f"{TYPE_PREFIX}.lameduck_response"
+AUCTION_RESPONSE = f"{TYPE_PREFIX}.auction_response"
 
 
 class Envelope(msgspec.Struct, omit_defaults=True):
@@ -91,6 +92,34 @@ class PingResponse(msgspec.Struct, omit_defaults=True):
     target_xkey: str
     running_machines: int
     tags: dict[str, str] = {}
+
+
+class AuctionRequest(msgspec.Struct, omit_defaults=True):
+    """nex v0.2.7's ``$NEX.AUCTION`` body: a node answers only if it matches every field given.
+
+    ``arch`` and ``os`` are compared with the tags ``nex.arch`` and ``nex.os`` (Go's names: amd64,
+    arm64, linux), ``sandboxed`` with whether the node sandboxes its workloads, ``tags`` one by one,
+    and ``workload_types`` with the types the node runs."""
+
+    arch: str | None = None
+    os: str | None = None
+    sandboxed: bool | None = None
+    tags: dict[str, str] | None = None
+    workload_types: list[str] | None = None
+
+
+class AuctionResponse(msgspec.Struct, omit_defaults=True):
+    """A node's bid: nex v0.2.7's (a ping response's shape), then what a placer weighs (nex-py)."""
+
+    node_id: str
+    version: str
+    uptime: str
+    target_xkey: str
+    running_machines: int  # deployed workloads, as in a ping
+    tags: dict[str, str] = {}
+    nexus: str = ""
+    ready_machines: int = 0  # nex-py: warm machines, ready for a deploy now
+    workloads_left: int | None = None  # nex-py: deploys left under max_workloads; None: no limit
 
 
 class PoolMember(msgspec.Struct):

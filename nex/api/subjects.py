@@ -12,6 +12,7 @@ LOGS_PREFIX = "$NEX.logs"
 SYSTEM_NAMESPACE = "system"
 
 PING = f"{API_PREFIX}.PING"
+AUCTION = f"{API_PREFIX}.AUCTION"  # nex v0.2.7: who would take a workload like this one
 
 
 def ping(node: str) -> str:
@@ -49,8 +50,8 @@ def log(namespace: str, node: str, workload: str, vmid: str) -> str:
 
 
 def control_subscriptions(node: str) -> list[str]:
-    """The node's own questions: ping, info, lame duck (answered by the control API)."""
-    return [PING, ping(node), info("*", node), lameduck(node)]
+    """The node's own questions: ping, auction, info, lame duck (answered by the control API)."""
+    return [PING, AUCTION, ping(node), info("*", node), lameduck(node)]
 
 
 def workload_subscriptions(node: str) -> list[str]:

@@ -23,6 +23,7 @@ from nex import __version__
 from nex.api import control, subjects
 from nex.client import NexClient, NexError, RequesterKeys, deploy_body, parse_duration
 from nex.workload.names import NAME_RULE
+from nex.workload.target import goarch
 
 from . import render
 
@@ -291,6 +292,37 @@ def ls(
 
 
 @app.command
+def ps(
+    workload: str | None = None,
+    /,
+    *,
+    json: Flag = False,
+    conn: Connection = Connection(),  # noqa: B008
+    query: Query = Query(),  # noqa: B008
+) -> int:
+    """List the workloads of the namespace on every node (scatter/gather on $NEX.WPING).
+
+    Parameters
+    ----------
+    workload
+        Only this workload (its id, or its name: every copy of it).
+    json
+        Print the nodes' workload ping responses as JSON.
+    """
+
+    def run() -> int:
+        nodes = _client_command(conn, query, lambda client: client.probe(workload))
+        nodes = sorted(nodes, key=lambda n: (n.tags.get("node_name", ""), n.node_id))
+        if json:
+            print(render.to_json(nodes))
+        else:
+            render.console().print(render.workload_table(nodes))
+        return 0
+
+    return _guard(run)
+
+
+@app.command
 def info(
     node_id: str | None = None,
     /,
@@ -329,6 +361,7 @@ def lameduck(
     node_id: str | None = None,
     /,
     *,
+    tag: Annotated[list[str] | None, Parameter(negative="")] = None,
     deadline: str | None = None,
     conn: Connection = Connection(),  # noqa: B008
     query: Query = Query(),  # noqa: B008
@@ -339,20 +372,33 @@ def lameduck(
     ----------
     node_id
         The node's id (or a unique prefix of it); optional when exactly one node answers.
+    tag
+        Every node with this tag, KEY=VALUE (repeat: nodes with all of them), instead of one node.
     deadline
         Stop anyway after this long, e.g. 5m [default: the node's lameduck_deadline_ms].
     """
 
     def run() -> int:
         seconds = _duration("--deadline", deadline) if deadline is not None else None
+        wanted = _pairs("--tag", tag or [])
+        if wanted and node_id is not None:
+            raise _UsageError("give a node id or --tag, not both")
 
-        async def body(client: NexClient) -> str:
-            target = await client.resolve(node_id)
-            await client.lameduck(target, seconds)
-            return target
+        async def body(client: NexClient) -> list[str]:
+            if not wanted:
+                targets = [await client.resolve(node_id)]
+            else:
+                nodes = await client.ping()
+                targets = [n.node_id for n in nodes if all(n.tags.get(k) == v for k, v in wanted.items())]
+                if not targets:
+                    shown = ", ".join(f"{k}={v}" for k, v in wanted.items())
+                    raise NexError(f"no node answering on {subjects.PING} has the tags {shown}")
+            for target in targets:
+                await client.lameduck(target, seconds)
+            return targets
 
-        target = _client_command(conn, query, body)
-        print(f"Command to enter lame duck mode issued to {target}")
+        for target in _client_command(conn, query, body):
+            print(f"Command to enter lame duck mode issued to {target}")
         return 0
 
     return _guard(run)
@@ -380,12 +426,20 @@ def run(
     essential: Flag = False,
     description: str = "",
     node: str | None = None,
+    tag: Annotated[list[str] | None, Parameter(negative="")] = None,
+    arch: str | None = None,
+    workload_type: str = "native",
+    sandboxed: bool | None = None,
     json: Flag = False,
     keys: Keys = Keys(),  # noqa: B008
     conn: Connection = Connection(),  # noqa: B008
     query: Query = Query(),  # noqa: B008
 ) -> int:
     """Run a static executable on a node (nex's devrun and run in one).
+
+    Without --node the node is placed by auction ($NEX.AUCTION): every node that matches the
+    constraints (--tag, --arch, --workload-type, --sandboxed) and can take work bids, and the least
+    loaded bidder runs it (ties at random).
 
     A FILE is uploaded to the object store NEXCLIFILES first; nats://BUCKET/key names one already
     stored. The environment is sealed to the node's xkey; the workload JWT, which carries the file's
@@ -406,13 +460,25 @@ def run(
     description
         Free text shown with the workload.
     node
-        The node's id (or a unique prefix of it); optional when exactly one node answers.
+        Run it on this node (its id, or a unique prefix of it) rather than on an auction's winner.
+    tag
+        Only nodes with this tag, KEY=VALUE; repeat for more.
+    arch
+        Only nodes of this architecture (Go's names: amd64, arm64) [default: the executable's].
+    workload_type
+        Only nodes that run this type of workload.
+    sandboxed
+        Only nodes that sandbox their workloads (--no-sandboxed: only nodes that do not).
     json
         Print the node's run response as JSON.
     """
 
     def run_() -> int:
         environment = _pairs("--env", env or [])
+        wanted_tags = _pairs("--tag", tag or [])
+        constrained = bool(wanted_tags) or arch is not None or sandboxed is not None
+        if node is not None and constrained:
+            raise _UsageError("--node names the node: --tag, --arch and --sandboxed choose one by auction")
         source = None if target.startswith("nats://") else Path(target)
         workload = name or _default_name(target)
         if not NAME_RULE.match(workload):
@@ -425,8 +491,16 @@ def run(
                 raise _UsageError(f"cannot read {source}: {exc.strerror}") from None
         requester = keys.load()
 
-        async def body(client: NexClient) -> tuple[control.RunResponse, control.PingResponse]:
-            found = await client.find(node)
+        auction = control.AuctionRequest(
+            arch=arch or goarch(data),
+            os="linux" if data.startswith(b"\x7fELF") else None,
+            sandboxed=sandboxed,
+            tags=wanted_tags or None,
+            workload_types=[workload_type],
+        )
+
+        async def body(client: NexClient) -> tuple[control.RunResponse, control.PingResponse | control.AuctionResponse]:
+            found = await (client.find(node) if node is not None else client.place(auction))
             artifact = await (client.upload(data, workload) if source is not None else client.stored(target))
             request = deploy_body(
                 artifact,
@@ -437,6 +511,7 @@ def run(
                 argv=argv,
                 description=description,
                 essential=essential,
+                workload_type=workload_type,
             )
             return await client.deploy(found, request), found
 

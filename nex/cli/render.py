@@ -55,6 +55,25 @@ def node_table(nodes: Sequence[control.PingResponse]) -> Table | Text:
     return table
 
 
+def workload_table(nodes: Sequence[control.WorkloadPingResponse]) -> Table | Text:
+    """``nex ps``: every workload of the namespace, with the node that runs it."""
+    rows = sorted(
+        ((machine, node) for node in nodes for machine in node.running_machines),
+        key=lambda row: (row[0].name, row[1].tags.get("node_name", ""), row[0].id),
+    )
+    if not rows:
+        return Text("No workloads running")
+    table = Table(title="Workloads", box=box.ROUNDED)
+    table.add_column("ID", no_wrap=True)
+    table.add_column("Name", no_wrap=True)
+    table.add_column("Type", no_wrap=True)
+    table.add_column("Node", no_wrap=True)
+    table.add_column("Node ID", overflow="fold")
+    for machine, node in rows:
+        table.add_row(machine.id, machine.name, machine.type, node.tags.get("node_name", ""), node.node_id)
+    return table
+
+
 def info_view(info: control.InfoResponse, node_id: str) -> Group:
     """``nex info``: the node's facts, its memory, its machines and its actor tree."""
     facts = Table.grid(padding=(0, 2))

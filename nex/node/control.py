@@ -8,6 +8,7 @@ Deploy, stop and workload ping are the workload manager's (:mod:`nex.workload.ma
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import msgspec
@@ -23,7 +24,13 @@ log = logs.get("nex.control")
 
 Machines = Callable[[str], list[control.MachineSummary]]
 
-RESPONSE_TYPES = {"PING": control.PING_RESPONSE, "INFO": control.INFO_RESPONSE, "LAMEDUCK": control.LAMEDUCK_RESPONSE}
+RESPONSE_TYPES = {
+    "PING": control.PING_RESPONSE,
+    "AUCTION": control.AUCTION_RESPONSE,
+    "INFO": control.INFO_RESPONSE,
+    "LAMEDUCK": control.LAMEDUCK_RESPONSE,
+}
+RUNNABLE_TYPES = ("native", "elf")  # of the workload types nex names, those this node runs
 JSON_WHITESPACE = b" \t\r\n"  # RFC 8259's; bytes.strip() would take \v and \f too, which JSON does not
 MAX_DEADLINE_MS = 2**63 - 1  # a Go int64; msgspec decodes any integer (10**400 would overflow a float)
 
@@ -84,6 +91,9 @@ class ControlApi(Actor[InboundMsg]):
                 return control.success(control.INFO_RESPONSE, self.info(namespace))
             case "LAMEDUCK":
                 return self.lameduck(message.data)
+            case "AUCTION":
+                bid = self.bid(message.data)
+                return control.success(control.AUCTION_RESPONSE, bid) if bid is not None else None
         log.warning("Unexpected control subject", subject=message.subject)
         return None
 
@@ -105,11 +115,50 @@ class ControlApi(Actor[InboundMsg]):
             tags=self.state.tags(),
             memory=sysinfo.memory(),
             machines=self.machines(namespace),
-            supported_workload_types=[t for t in self.state.config.workload_types if t in ("native", "elf")],
+            supported_workload_types=self.workload_types(),
             node_id=self.state.node_id,
             pool=self.pool(),
             actors=flatten(self.tree()),
             sandbox=self.state.sandbox,
+        )
+
+    def workload_types(self) -> list[str]:
+        return [t for t in self.state.config.workload_types if t in RUNNABLE_TYPES]
+
+    def bid(self, body: bytes) -> control.AuctionResponse | None:
+        """The node's bid in an auction (``$NEX.AUCTION``), or None to stay silent, as nex v0.2.7
+        does: when the node does not match the request (see :class:`~nex.api.control.AuctionRequest`),
+        is in lame duck, or is at its workload limit. A body that is not an auction request asks for
+        nothing in particular (nex's rule): every node that can take work bids."""
+        request = control.AuctionRequest()
+        if body.strip(JSON_WHITESPACE):
+            with contextlib.suppress(msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+                body.decode()
+                request = msgspec.json.decode(body, type=control.AuctionRequest)
+        tags = self.state.tags()
+        left = None
+        if limit := self.state.config.node_limits.max_workloads:
+            left = limit - self.state.running_workloads()
+        silent = (
+            self.state.lameduck
+            or (left is not None and left <= 0)
+            or (request.arch is not None and request.arch != tags.get("nex.arch"))
+            or (request.os is not None and request.os != tags.get("nex.os"))
+            or (request.sandboxed is not None and request.sandboxed == self.state.sandbox.unsafe)
+            or any(tags.get(key) != value for key, value in (request.tags or {}).items())
+            or any(kind not in self.workload_types() for kind in request.workload_types or [])
+        )
+        if silent:
+            return None
+        return control.AuctionResponse(
+            node_id=self.state.node_id,
+            version=self.state.version,
+            uptime=self.state.uptime(),
+            target_xkey=self.state.identity.public_xkey,
+            running_machines=self.state.running_workloads(),
+            tags=tags,
+            ready_machines=sum(1 for member in self.pool() if member.state == "ready"),
+            workloads_left=left,
         )
 
     def lameduck(self, body: bytes) -> bytes:

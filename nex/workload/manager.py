@@ -444,15 +444,18 @@ class WorkloadManager(Actor[WorkloadMsg]):
             await self._respond(msg, control.failure(control.STOP_RESPONSE, str(exc)))
             return
         workload.stopping = True
+        spec = workload.spec
+        answer = control.StopResponse(stopped=True, id=workload.vmid, issuer=spec.issuer, name=spec.name)
+        stopped = control.success(control.STOP_RESPONSE, answer)
         reply = control.failure(control.STOP_RESPONSE, "Failed to stop workload: the node stopped before it was done")
         try:
             with contextlib.suppress(ActorError):  # the machine is gone already: so is its workload
                 grace = self.state.config.workload_stop_grace_ms / 1000
                 await workload.ref.ask(lambda reply: Undeploy(grace=grace, reply=reply), timeout=grace + STOP_SLACK)
-            spec = workload.spec
-            answer = control.StopResponse(stopped=True, id=workload.vmid, issuer=spec.issuer, name=spec.name)
-            reply = control.success(control.STOP_RESPONSE, answer)
+            reply = stopped
         finally:  # one reply, also when the manager is stopped half way
+            if workload.finished:  # it ended, even if the node stops meanwhile (a lame duck whose last it was)
+                reply = stopped
             with trio.CancelScope(shield=True), trio.move_on_after(REPLY_GRACE):
                 await self._respond(msg, reply)
 

@@ -1,0 +1,186 @@
+"""Nodes on a real three-server NATS cluster: each node connected to a different server, listed, placed
+by auction, moved to another server when its own dies, put in lame duck by tag.
+
+The cluster is three nats-server processes with routes and JetStream (:mod:`.cluster_fixture`);
+the nodes are ``nex up`` processes, the requests the ``nex`` CLI's, the workload the static echo
+service (built by the tests with gcc -static).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import nats.errors
+import pytest
+
+from nex.api import control, subjects
+
+from .cluster_fixture import NatsCluster
+from .support import Bus, NodeProcess, run_cli
+from .test_workloads import GATEWAY, echo_env, echo_request, needs_namespaces
+from .workloads import Binaries
+
+pytestmark = pytest.mark.integration
+
+ZONES = ("a", "b", "c")
+
+
+@pytest.fixture
+def cluster(home: Path) -> Iterator[NatsCluster]:
+    servers = NatsCluster(home).start()
+    try:
+        yield servers
+    finally:
+        servers.stop()
+
+
+def start_nodes(home: Path, cluster: NatsCluster, bus: Bus, **settings: object) -> dict[str, NodeProcess]:
+    """One node per server, tagged zone=a, b, c; each lets its workloads reach its own server."""
+    nodes = {}
+    for zone, server in zip(ZONES, cluster.servers, strict=True):
+        config = home / f"{zone}.json"
+        config.write_text(json.dumps({"machine_pool_size": 1, **settings}))
+        node = NodeProcess(
+            home,
+            "--config",
+            str(config),
+            "--tag",
+            f"zone={zone}",
+            "--allow",
+            f"{GATEWAY}:{server.port}",
+            server=server.url,
+            name=zone,
+        )
+        nodes[zone] = node.start(bus)
+    return nodes
+
+
+def gather(bus: Bus, subject: str, payload: bytes, expect: int, window: float) -> list[bytes]:
+    """Scatter/gather as nex's clients do: every reply within ``window`` seconds (or ``expect`` of them)."""
+
+    async def ask() -> list[bytes]:
+        inbox = bus.nc.new_inbox()
+        sub = await bus.nc.subscribe(inbox)
+        replies: list[bytes] = []
+        try:
+            await bus.nc.publish(subject, payload, reply=inbox)
+            deadline = time.monotonic() + window
+            while len(replies) < expect and (left := deadline - time.monotonic()) > 0:
+                with contextlib.suppress(nats.errors.TimeoutError):
+                    replies.append((await sub.next_msg(timeout=left)).data)
+            if len(replies) == expect:  # one more would be one too many: listen a moment longer
+                with contextlib.suppress(nats.errors.TimeoutError):
+                    replies.append((await sub.next_msg(timeout=0.5)).data)
+        finally:
+            await sub.unsubscribe()
+        return replies
+
+    return bus.run(ask(), window + 5)
+
+
+def bids(bus: Bus, request: control.AuctionRequest | bytes, expect: int, window: float = 2.0) -> set[str]:
+    """The nodes that bid in an auction (all within ``window`` seconds; ``expect``: how many should)."""
+    found: set[str] = set()
+    body = request if isinstance(request, bytes) else msgspec.json.encode(request)
+    for data in gather(bus, subjects.AUCTION, body, expect=max(expect, 1), window=window):
+        envelope = json.loads(data)
+        assert envelope["type"] == control.AUCTION_RESPONSE
+        assert "error" not in envelope, envelope
+        found.add(envelope["data"]["node_id"])
+    return found
+
+
+def test_nodes_on_three_servers_are_listed_bid_by_their_tags_and_lame_duck(
+    home: Path, cluster: NatsCluster, binaries: Binaries
+) -> None:
+    needs_namespaces()
+    bus = Bus(cluster.servers[0].url)
+    try:
+        nodes = start_nodes(home, cluster, bus)
+        ids = {zone: node.node_id for zone, node in nodes.items()}
+
+        # every node is listed through any one server
+        listed = run_cli("ls", "--json", "--expect", "3", "--timeout", "20s", "-s", cluster.servers[2].url)
+        assert listed.returncode == 0, listed.stderr
+        assert sorted(n["node_id"] for n in json.loads(listed.stdout)) == sorted(ids.values())
+
+        # an auction hears from the nodes that match, and only those
+        assert bids(bus, control.AuctionRequest(), expect=3) == set(ids.values())
+        assert bids(bus, control.AuctionRequest(tags={"zone": "b"}), expect=2) == {ids["b"]}
+        arch = json.loads(listed.stdout)[0]["tags"]["nex.arch"]
+        assert bids(bus, control.AuctionRequest(arch=arch, os="linux"), expect=3) == set(ids.values())
+        other = "arm64" if arch != "arm64" else "amd64"
+        assert bids(bus, control.AuctionRequest(arch=other), expect=1) == set()
+        assert bids(bus, control.AuctionRequest(workload_types=["v8"]), expect=1) == set()
+        assert bids(bus, control.AuctionRequest(sandboxed=False), expect=1) == set(), "these nodes sandbox"
+        assert bids(bus, b"not json", expect=3) == set(ids.values()), "a garbled body asks for nothing"
+
+        # nex run --tag lands on the matching node, and its workload answers through another server
+        (home / "bin").mkdir()
+        (home / "bin" / "echo").write_bytes(binaries.echo)
+        user = {"HOME": str(home / "user")}
+        env = echo_env(cluster.servers[1], "echo.zone", "b-")
+        run = run_cli(
+            "run", str(home / "bin" / "echo"), "--tag", "zone=b", "--essential",
+            *(f"--env={k}={v}" for k, v in env.items()), "--json", "-s", cluster.servers[0].url, env=user,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        started = msgspec.json.decode(run.stdout, type=control.RunResponse)
+        assert echo_request(bus, "echo.zone", b"hi") == b"b-hi"
+        ps = run_cli("ps", "--json", "-s", cluster.servers[2].url, "--timeout", "2s")
+        assert ps.returncode == 0, ps.stderr
+        where = {m["id"]: n["node_id"] for n in json.loads(ps.stdout) for m in n["running_machines"]}
+        assert where == {started.id: ids["b"]}, "nex ps sees it, on node b, from any server"
+
+        # lame duck by tag: node b (which has a workload, so it stays) stops bidding
+        duck = run_cli("lameduck", "--tag", "zone=b", "-s", cluster.servers[0].url, "--timeout", "2s")
+        assert duck.returncode == 0, duck.stderr
+        assert f"Command to enter lame duck mode issued to {ids['b']}" in duck.stdout
+        assert ids["a"] not in duck.stdout
+        assert bids(bus, control.AuctionRequest(), expect=2) == {ids["a"], ids["c"]}
+        refused = run_cli(
+            "run", str(home / "bin" / "echo"), "--tag", "zone=b", "-s", cluster.servers[0].url, "--timeout", "2s",
+            env=user,
+        )  # fmt: skip
+        assert refused.returncode == 1
+        assert "no node bid" in refused.stderr
+
+        stop = run_cli("stop", started.id, "-s", cluster.servers[0].url, env=user)
+        assert stop.returncode == 0, stop.stderr
+        assert nodes["b"].wait(60) == 0, "in lame duck with nothing left: it exits"
+        for zone in ("a", "c"):
+            assert nodes[zone].stop() == 0
+    finally:
+        bus.close()
+
+
+def test_a_node_whose_server_dies_moves_to_another_and_still_answers(home: Path, cluster: NatsCluster) -> None:
+    bus = Bus(cluster.servers[0].url)
+    try:
+        nodes = start_nodes(home, cluster, bus)
+        ids = {zone: node.node_id for zone, node in nodes.items()}
+        cluster.servers[2].kill()  # node c's
+
+        deadline = time.monotonic() + 60
+        while True:  # nex ls through server 0 until node c answers again (after its reconnect)
+            listed = run_cli("ls", "--json", "--expect", "3", "--timeout", "5s", "-s", cluster.servers[0].url)
+            found = {n["node_id"] for n in json.loads(listed.stdout or "[]")}
+            if found == set(ids.values()):
+                break
+            assert time.monotonic() < deadline, f"node c never answered again: {found}\n{nodes['c'].log()}"
+        moved = [
+            line for line in nodes["c"].log().splitlines() if "Reconnected to NATS" in line and "link=control" in line
+        ]
+        assert moved, f"node c says where it went:\n{nodes['c'].log()}"
+        assert str(cluster.servers[2].port) not in moved[-1], "to another server than the dead one"
+        info = run_cli("info", ids["c"], "--json", "-s", cluster.servers[1].url)
+        assert info.returncode == 0, info.stderr
+        for node in nodes.values():
+            assert node.stop() == 0
+    finally:
+        bus.close()
