@@ -397,10 +397,10 @@ class _Plan:
         if qemu is None or kernel is None:
             what = "no QEMU" if qemu is None else "no kernel"
             detail = f"/dev/kvm answers (API 12) but was not tried on a guest ({what} to boot one)"
-            return [Check(name, True, False, detail)]
+            return [Check(name, True, required, detail)]
         ok, why = await kvm.kvm_runs_guest(qemu, kernel, initrd, KVM_PROBE_TIMEOUT)
         if ok:
-            return [Check(name, True, False, f"KVM ran {kernel.name}: {why}")]
+            return [Check(name, True, required, f"KVM ran {kernel.name}: {why}")]
         return [Check(name, False, required, f"/dev/kvm opens but cannot run a Linux guest: {why}{advice}", KVM_FIX)]
 
     def _probe_kernel(self) -> tuple[Path | None, Path | None]:

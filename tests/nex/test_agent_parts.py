@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import nats
@@ -122,10 +123,21 @@ def test_without_a_pid_namespace_a_daemon_outlives_its_agent(tmp_path: Path) -> 
         proc.wait(10)
     try:
         assert wait_gone([int(init)], timeout=10) == [], "the workload dies with its agent"
-        assert b"sleep\x00301" in _cmdline(int(daemon)), "uncontained, the daemon outlives both"
+        # the shell printed its pid at the fork: it becomes sleep 301 a moment later, whoever dies
+        assert _becomes(int(daemon), b"sleep\x00301", timeout=10), "uncontained, the daemon outlives both"
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(int(daemon), signal.SIGKILL)
+
+
+def _becomes(pid: int, cmdline: bytes, timeout: float) -> bool:
+    """Whether ``pid`` runs ``cmdline`` within ``timeout`` (an exec tells no one: /proc is polled)."""
+    deadline = time.monotonic() + timeout
+    while cmdline not in _cmdline(pid):
+        if time.monotonic() > deadline or not Path(f"/proc/{pid}").exists():
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def _cmdline(pid: int) -> bytes:
