@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import os
 import re
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from nex import crypto
 from nex.api import control, subjects
 from nex.bus.errors import reason
 from nex.workload import request as workload_request
+from nex.workload.placement import pick
 
 T = TypeVar("T")
 
@@ -427,17 +427,6 @@ class NexClient:
         except nats.errors.TimeoutError:
             raise NexError(f"no answer on {subject} within {self.timeout:g}s") from None
         return _unwrap(msg.data, kind)
-
-
-def pick(bids: list[control.AuctionResponse]) -> control.AuctionResponse:
-    """Among bids, the least loaded node (fewest workloads, then most warm machines), ties at random
-    (so that clients placing at once spread their workloads)."""
-
-    def load(bid: control.AuctionResponse) -> tuple[int, int]:
-        return bid.running_machines, -bid.ready_machines
-
-    least = min(load(bid) for bid in bids)
-    return secrets.choice([bid for bid in bids if load(bid) == least])
 
 
 def _unwrap(data: bytes, kind: type[T]) -> T:

@@ -49,6 +49,17 @@ def deploy_request(
     """The ``$NEX.DEPLOY.{ns}.{node}`` body. ``request_id``, ``issued_at`` and ``nonce`` pin test vectors."""
     rid = request_id or str(uuid.uuid4())
     token = crypto.encode_generic_jwt(issuer, rid, {"hash": deploy.hash, "name": deploy.name}, issued_at=issued_at)
+    return _body(deploy, token, rid, sender, nonce)
+
+
+def forwarded_request(deploy: Deploy, token: str, request_id: str, sender: crypto.XKey) -> bytes:
+    """A deploy request that passes a workload on to ``deploy.node_id`` under its issuer's own JWT
+    ``token`` (a node cannot sign for the issuer), its environment sealed anew, from ``sender`` (the
+    node's xkey) to the new node's: what a node in lame duck sends to move a workload."""
+    return _body(deploy, token, request_id, sender, None)
+
+
+def _body(deploy: Deploy, token: str, rid: str, sender: crypto.XKey, nonce: bytes | None) -> bytes:
     sealed = sender.seal(gojson.dumps(gojson.go_map(deploy.environment)), deploy.node_xkey, nonce=nonce)
     body: dict[str, object] = {}
     if deploy.argv:
