@@ -166,6 +166,7 @@ class NodeConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     essential_backoff_ms: int = 1_000  # wait before its first restart; doubles each time, at most 30 s
     workload_stop_grace_ms: int = 5_000  # between SIGTERM and SIGKILL when a workload is stopped
     artifact_cache_bytes: int = 64 << 20  # verified artifacts kept for deploys of the same hash; 0: none
+    state_replicas: int = 1  # replicas of the workload records' KV bucket, if this node creates it (1-5)
     bus_thread_affinity: Literal["colocate", "none"] = "colocate"
     agent_launcher: Literal["zygote", "spawn"] = "zygote"
     sandbox: SandboxConfig = msgspec.field(default_factory=SandboxConfig)
@@ -308,6 +309,8 @@ def validate(config: NodeConfig) -> list[str]:
     at_least(config.essential_backoff_ms, 0, "$.essential_backoff_ms")
     at_least(config.workload_stop_grace_ms, 0, "$.workload_stop_grace_ms")
     at_least(config.artifact_cache_bytes, 0, "$.artifact_cache_bytes")
+    if not 1 <= config.state_replicas <= 5:
+        problems.append("state_replicas must be between 1 and 5 (JetStream's limit) at $.state_replicas")
     for field in ("max_workloads", "max_workload_bytes", "max_total_bytes"):
         at_least(getattr(config.node_limits, field), 0, f"$.node_limits.{field}")
     if not 0 <= config.internal_node_port <= 65535:

@@ -109,6 +109,16 @@ def signing_key_from_seed(seed: str, prefix: int) -> nkeys.KeyPair:
     return nkeys.from_seed(seed.encode())
 
 
+def signed_by(public_key: str, prefix: int, data: bytes, signature: bytes) -> bool:
+    """Whether ``signature`` is the ed25519 signature of ``data`` by the nkey ``public_key`` (of the
+    role ``prefix``); False for a key of another role, a malformed key or signature, or a mismatch."""
+    try:
+        nacl.signing.VerifyKey(decode_public(public_key, prefix)).verify(data, signature)
+    except (nacl.exceptions.BadSignatureError, InvalidKey, ValueError):
+        return False
+    return True
+
+
 class XKey:
     """A curve (X25519) key pair that seals data to other xkeys and opens data sealed to it."""
 

@@ -10,6 +10,8 @@
     ├── handshakes       answers agents' hellos
     ├── machines         dynamic supervisor: one actor per machine
     ├── pool             keeps machine_pool_size machines warm
+    ├── records          the workloads' records in the control NATS's KV bucket
+    ├── workloads        deploys, stops, the workloads' logs and events; settles a crashed last run's
     ├── control-api      answers $NEX.* requests
     ├── heartbeat        heartbeat events
     └── lameduck         stops the node once lame duck has nothing left to wait for
@@ -73,6 +75,8 @@ from nex.vm.machine import MachineDeps, RunningWorkload
 from nex.vm.pool import Pool, PoolBook, ServerRestarted
 from nex.vm.qemu.boot import BootImage, ImageError, configured_image, vm_accel
 from nex.workload import manager
+from nex.workload.records import RecordBook, WorkloadRecords
+from nex.workload.records import mailbox as records_mailbox
 
 from .control import ControlApi
 from .heartbeat import Heartbeat
@@ -89,9 +93,6 @@ _START_HINTS = {
     "control-server": " (is another program using port 4222? give --server to use an existing NATS)",
     "internal-server": " (is the internal port taken? set --internal-port, or 0 for any free port)",
 }
-
-
-ORPHAN_MESSAGE = "its node stopped unexpectedly"
 
 
 def _orphaned_workloads(vm_root: Path) -> list[RunningWorkload]:
@@ -198,7 +199,6 @@ class Node:
                     events.NODE_STARTED,
                     events.NodeStartedData(version=state.version, id=state.node_id, tags=state.tags()),
                 )
-                self._report_orphans(publisher)
                 log.info("Node is ready", node=state.node_id, name=state.name)
             self._startup = None
             await state.stop_requested.wait()
@@ -299,9 +299,15 @@ class Node:
         pool_spec = Pool.spec(
             lambda: Pool(state, machines, deps, size=size, book=pool_book, progress=progress), pool_mailbox
         )
+        record_book = RecordBook()
+        records = records_mailbox()
+        records_spec = WorkloadRecords.spec(lambda: WorkloadRecords(state, control_link, record_book), records)
         workload_book = manager.WorkloadManager.new_book(state)
+        workload_book.left_over, self._orphans = self._orphans, []  # settled by the manager (nex.workload.recovery)
         workloads_spec = manager.WorkloadManager.spec(
-            lambda: manager.WorkloadManager(state, control_link, internal_link, publisher, pool_ref, workload_book),
+            lambda: manager.WorkloadManager(
+                state, control_link, internal_link, publisher, pool_ref, workload_book, records=records.ref
+            ),
             workload_mailbox,
         )
 
@@ -323,6 +329,7 @@ class Node:
             Handshakes.spec(internal_link, handshakes.waiting),
             machines.child_spec(),
             pool_spec,
+            records_spec,
             workloads_spec,
             ControlApi.spec(lambda: ControlApi(state, control_link, publisher, self._tree, pool_view, machines_view)),
             Heartbeat(state, publisher).child_spec(),
@@ -443,26 +450,6 @@ class Node:
                 "Released what a node that did not stop cleanly left behind",
                 resources=", ".join(f"{r.kind} {r.name}" for r in released),
             )
-
-    def _report_orphans(self, publisher: EventPublisher) -> None:
-        """``workload_stopped`` for each workload that ran when this node's last run ended without
-        a stop, so that watchers are not left waiting for it."""
-        for workload in self._orphans:
-            log.warning(
-                "A workload was running when this node last stopped unexpectedly; it is gone",
-                name=workload.name,
-                namespace=workload.namespace,
-                vmid=workload.vmid,
-            )
-            data = events.WorkloadEventData(
-                workload_name=workload.name,
-                code=-1,
-                message=ORPHAN_MESSAGE,
-                id=workload.vmid,
-                namespace=workload.namespace,
-            )
-            publisher.emit(events.WORKLOAD_STOPPED, data, namespace=workload.namespace)
-        self._orphans = []
 
     async def _supervise(
         self, root: Supervisor, state: NodeState, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -99,12 +99,16 @@ def check_argv(argv: list[str]) -> None:
             raise Refused(f"Invalid deploy request: argv[{i}] holds a NUL byte, which no program can receive")
 
 
-def check_jwt(request: control.DeployRequest) -> crypto.GenericClaims:
-    """The verified claims of a deploy; the name (``nats.name``, else ``sub``) must follow the rule."""
+def check_jwt(request: control.DeployRequest, *, at: float | None = None) -> crypto.GenericClaims:
+    """The verified claims of a deploy; the name (``nats.name``, else ``sub``) must follow the rule.
+
+    ``exp`` and ``nbf`` are judged at the unix time ``at`` (default: now): a node deploying again a
+    request it accepted before judges them when it accepted it (see the workload manager's redeploy).
+    """
     if not request.workload_jwt:
         raise Refused("Invalid deploy request: it has no workload_jwt")
     try:
-        claims = crypto.decode_generic_jwt(request.workload_jwt)
+        claims = crypto.decode_generic_jwt(request.workload_jwt, now=at)
     except crypto.JwtError as exc:
         raise Refused(f"Invalid deploy request: {exc}") from None
     except RecursionError:  # msgspec recurses per level of nesting (the header and nats are dict[str, Any])

@@ -25,9 +25,16 @@ most :data:`DEPLOY_BACKLOG` more wait, beyond which a deploy is refused at once 
 A deploy that fails because of its machine (:class:`~nex.vm.machine.MachineFailed`, or the machine's
 actor gone) is tried once more on a fresh machine before the requester hears of it.
 
+Each running workload has a record in the control NATS's KV bucket (:mod:`.records`): kept once its
+agent accepted it, removed when it ends, kept while an essential restart is due (with its restarts
+counted) and replaced by the record of the run that follows. A node started again after a crash, on
+the same state directory, settles what its last run left as :mod:`.recovery` says: essential
+workloads are deployed again from their records, through the same path and checks as any deploy
+(:meth:`WorkloadManager._redeploy`), and every workload that was running gets its ``workload_stopped``.
+
 A restart of the manager's actor runs a fresh :class:`WorkloadManager` on the node's
-:class:`WorkloadBook`, which holds what must outlive it: the running workloads and the essential
-restarts that are due.
+:class:`WorkloadBook`, which holds what must outlive it: the running workloads, the essential
+restarts that are due, and what is left to settle of the node's last run.
 """
 
 from __future__ import annotations
@@ -61,14 +68,15 @@ from nex.api import control, events, subjects
 from nex.bus.events import EventPublisher
 from nex.bus.link import InboundMsg, LinkError, NatsLink
 from nex.state import NodeState
-from nex.vm.machine import Deploy, MachineFailed, MachineMsg, Undeploy, WorkloadRejected
+from nex.vm.machine import Deploy, MachineFailed, MachineMsg, RunningWorkload, Undeploy, WorkloadRejected
 from nex.vm.pool import PoolMsg, Settled, Take, Taken
 
-from . import checks, store
+from . import checks, recovery, store
 from .artifact import ArtifactError, Location, check_hash
 from .cache import ArtifactCache
 from .checks import Refused
 from .elf import NotRunnable, check_static_executable
+from .records import Forget, Keep, PreviousRun, RecordsMsg, WorkloadRecord, tell
 
 log = logs.get("nex.workload")
 
@@ -82,6 +90,7 @@ RESTART_MAX = 30.0
 RESTART_RESET = 60.0  # an essential workload that ran this long before failing gets its restarts back
 DEPLOY_WORKERS = 8  # deploys running at once (checks, download, hand-over)
 DEPLOY_BACKLOG = 248  # deploys waiting for a worker; more are refused at once
+RECORDS_TIMEOUT = 15.0  # for the records actor to hand over the last run's records
 
 
 class MachineEnded(Message):
@@ -105,6 +114,10 @@ class WorkloadSpec(msgspec.Struct):
     description: str
     essential: bool
     restarts: int = 0
+    request: bytes = b""  # the $NEX.DEPLOY body as received (its environment sealed): for its record
+    location: str = ""
+    accepted_at: int = 0  # unix seconds: when the node first accepted the request
+    previous: str = ""  # the workload id of the run this one replaces (whose record it takes over)
 
 
 WorkloadMsg = InboundMsg | MachineEnded
@@ -158,6 +171,8 @@ class WorkloadBook:
     reserved_bytes: int = 0  # their artifacts' sizes, once known
     restarts_due: dict[int, tuple[float, WorkloadSpec]] = field(default_factory=dict)  # token: (when, spec)
     next_token: int = 0
+    left_over: list[RunningWorkload] = field(default_factory=list)  # the machines of a crashed last run said these ran
+    recovery: list[recovery.Leftover] | None = None  # what is left to settle of the last run (None: not looked yet)
 
     def running(self) -> int:
         """Workloads whose deploy is done (those in flight hold a reservation instead)."""
@@ -194,6 +209,7 @@ class WorkloadManager(Actor[WorkloadMsg]):
         publisher: EventPublisher,
         pool: ActorRef[PoolMsg],
         book: WorkloadBook,
+        records: ActorRef[RecordsMsg] | None = None,
     ) -> None:
         self.state = state
         self.control = control_link
@@ -201,6 +217,7 @@ class WorkloadManager(Actor[WorkloadMsg]):
         self.publisher = publisher
         self.pool = pool
         self.book = book
+        self.records = records
         self.workloads = book.workloads
         self.cache = book.cache
         self._deploy_workers = trio.CapacityLimiter(DEPLOY_WORKERS)
@@ -231,6 +248,7 @@ class WorkloadManager(Actor[WorkloadMsg]):
         for link, subject in wanted:
             sub = await link.subscribe(subject, self.ref)
             self.cleanup.push(f"subscription {subject}", functools.partial(link.unsubscribe, sub), durable=False)
+        self.nursery.start_soon(self._recover)
 
     async def handle(self, message: WorkloadMsg) -> None:
         match message:
@@ -275,11 +293,9 @@ class WorkloadManager(Actor[WorkloadMsg]):
 
     async def _deploy_now(self, msg: InboundMsg) -> bytes:
         """Check and launch; the reply to send."""
-        reservation: Reservation | None = None
         try:
-            reservation = self._reserve()
-            spec = await self._check(msg, reservation)
-            workload = await self._launch(spec)
+            workload = await self._check_and_launch(msg)
+            spec = workload.spec
             reply = control.success(
                 control.RUN_RESPONSE,
                 control.RunResponse(started=True, id=workload.vmid, issuer=spec.issuer, name=spec.name),
@@ -290,10 +306,21 @@ class WorkloadManager(Actor[WorkloadMsg]):
         except Exception as exc:
             log.error("Deploy failed", exc, subject=msg.subject)
             reply = control.failure(control.RUN_RESPONSE, f"Failed to deploy workload: internal error: {exc}")
-        finally:
-            if reservation is not None:
-                reservation.release()
         return reply
+
+    async def _check_and_launch(
+        self, msg: InboundMsg, *, accepted_at: int | None = None, replaces: WorkloadRecord | None = None
+    ) -> Workload:
+        """The deploy path: reserve, check, launch (raises :class:`Refused`, or worse). A redeploy
+        names the record of the run it ``replaces``: its restarts carry on, and its record goes."""
+        reservation = self._reserve()
+        try:
+            spec = await self._check(msg, reservation, accepted_at)
+            if replaces is not None:
+                spec = msgspec.structs.replace(spec, restarts=replaces.restarts, previous=replaces.workload_id)
+            return await self._launch(spec)
+        finally:
+            reservation.release()
 
     def _reserve(self) -> Reservation:
         """A workload slot for a deploy, claimed before its first await (raises :class:`Refused`)."""
@@ -304,10 +331,11 @@ class WorkloadManager(Actor[WorkloadMsg]):
             raise Refused("Node is at maximum workload limit. Deploy request denied")
         return Reservation(self.book)
 
-    async def _check(self, msg: InboundMsg, reservation: Reservation) -> WorkloadSpec:
+    async def _check(self, msg: InboundMsg, reservation: Reservation, accepted_at: int | None = None) -> WorkloadSpec:
         """Every check of a deploy request, in order; raise :class:`Refused` at the first that fails.
 
-        Lame duck and the workload limit come first, in :meth:`_reserve`.
+        Lame duck and the workload limit come first, in :meth:`_reserve`. ``accepted_at``: the unix
+        time the node first accepted this request, for a redeploy (see :meth:`_redeploy`).
         """
         config = self.state.config
         namespace = subjects.namespace_of(msg.subject)
@@ -321,7 +349,7 @@ class WorkloadManager(Actor[WorkloadMsg]):
         checks.check_argv(list(request.argv))
         if config.requester_public_keys and sender not in config.requester_public_keys:
             raise Refused(f"the sender's xkey {sender} is not in this node's requester_public_keys")
-        claims = checks.check_jwt(request)
+        claims = checks.check_jwt(request, at=accepted_at)
         issuer = claims.iss
         if config.valid_issuers and issuer not in config.valid_issuers:
             raise Refused(f"invalid workload issuer: {issuer}")
@@ -340,6 +368,9 @@ class WorkloadManager(Actor[WorkloadMsg]):
             argv=list(request.argv),
             description=request.description or "",
             essential=bool(request.essential),
+            request=bytes(msg.data),
+            location=str(location),
+            accepted_at=int(time.time()) if accepted_at is None else accepted_at,
         )
 
     async def _artifact(
@@ -385,13 +416,15 @@ class WorkloadManager(Actor[WorkloadMsg]):
         A failure of the machine (not of the workload) is retried once on another machine.
         """
         try:
-            return await self._launch_on_a_machine(spec)
+            workload = await self._launch_on_a_machine(spec)
         except _MachineTrouble as exc:
             log.warning("Deploy failed because of its machine; trying a fresh one", name=spec.name, error=str(exc))
-        try:
-            return await self._launch_on_a_machine(spec)
-        except _MachineTrouble as exc:
-            raise Refused(f"Failed to deploy workload: {exc}") from None
+            try:
+                workload = await self._launch_on_a_machine(spec)
+            except _MachineTrouble as again:
+                raise Refused(f"Failed to deploy workload: {again}") from None
+        self._record(workload)
+        return workload
 
     async def _launch_on_a_machine(self, spec: WorkloadSpec) -> Workload:
         try:
@@ -444,6 +477,7 @@ class WorkloadManager(Actor[WorkloadMsg]):
             await self._respond(msg, control.failure(control.STOP_RESPONSE, str(exc)))
             return
         workload.stopping = True
+        self._forget(workload.vmid)  # asked to stop, it must not come back if the node dies meanwhile
         spec = workload.spec
         answer = control.StopResponse(stopped=True, id=workload.vmid, issuer=spec.issuer, name=spec.name)
         stopped = control.success(control.STOP_RESPONSE, answer)
@@ -554,22 +588,28 @@ class WorkloadManager(Actor[WorkloadMsg]):
             "Workload stopped", name=workload.spec.name, vmid=workload.vmid, code=code, message=workload.exit_message
         )
         self.state.workloads_changed()
-        spec = workload.spec
+        spec = msgspec.structs.replace(workload.spec, previous=workload.vmid)  # the run a restart replaces
         if spec.essential and not workload.stopping and code != 0 and not self.state.lameduck:
             if time.monotonic() - workload.started >= RESTART_RESET:
                 spec = msgspec.structs.replace(spec, restarts=0)  # it ran well for a while: a fresh budget
             self._schedule_restart(spec)
+        else:
+            self._forget(workload.vmid)
 
     def _schedule_restart(self, spec: WorkloadSpec) -> None:
+        """Restart ``spec`` after its backoff; the record of the run it replaces (``spec.previous``)
+        stays meanwhile, saying a restart is due, or goes if there will be none."""
         config = self.state.config
         if spec.restarts >= config.essential_restart_limit:
             log.error(
                 "Essential workload keeps failing; not restarting it again", name=spec.name, restarts=spec.restarts
             )
+            self._forget(spec.previous)
             return
         delay = min(RESTART_MAX, config.essential_backoff_ms / 1000 * 2**spec.restarts)
         log.warning("Essential workload exited; restarting it", name=spec.name, restart=spec.restarts + 1, in_s=delay)
         again = msgspec.structs.replace(spec, restarts=spec.restarts + 1)
+        self._keep(again, spec.previous, started_at="", restart_pending=True)
         token, self.book.next_token = self.book.next_token, self.book.next_token + 1
         when = trio.current_time() + delay
         self.book.restarts_due[token] = (when, again)
@@ -585,6 +625,7 @@ class WorkloadManager(Actor[WorkloadMsg]):
     async def _restart(self, spec: WorkloadSpec) -> None:
         if self.state.lameduck:
             log.info("Lame duck: essential workload not restarted", name=spec.name)
+            self._forget(spec.previous)
             return
         reservation = Reservation(self.book)  # not refused at the limit: it replaces one that ended
         reservation.add_bytes(len(spec.artifact))
@@ -605,6 +646,122 @@ class WorkloadManager(Actor[WorkloadMsg]):
             namespace=workload.spec.namespace,
         )
         self.publisher.emit(event_type, data, namespace=workload.spec.namespace)
+
+    # -- records, and what a crashed last run left -------------------------------------------------
+
+    def _record(self, workload: Workload) -> None:
+        """A launched workload's record, in place of the one of the run it replaces (if any); none for
+        one that ended already (its end was handled before its launch returned)."""
+        spec = workload.spec
+        if not workload.finished:
+            self._keep(spec, workload.vmid, started_at=events.now_rfc3339())
+        self._forget(spec.previous)
+
+    def _keep(self, spec: WorkloadSpec, workload_id: str, *, started_at: str, restart_pending: bool = False) -> None:
+        if self.records is None or not spec.request:
+            return
+        record = WorkloadRecord(
+            node_id=self.state.node_id,
+            workload_id=workload_id,
+            namespace=spec.namespace,
+            name=spec.name,
+            location=spec.location,
+            hash=spec.hash,
+            essential=spec.essential,
+            restarts=spec.restarts,
+            accepted_at=spec.accepted_at,
+            started_at=started_at,
+            restart_pending=restart_pending,
+            deploy_request=msgspec.Raw(spec.request),
+        )
+        tell(self.records, Keep(record=record))
+
+    def _forget(self, workload_id: str) -> None:
+        if workload_id:
+            tell(self.records, Forget(workload_id=workload_id))
+
+    async def _recover(self) -> None:
+        """Settle, one by one, what the node's last run left (see :mod:`.recovery`): once per node,
+        resumed by a restarted manager. A leftover is taken off the list before it is settled, so
+        a crash of the manager half way never deploys one twice."""
+        book = self.book
+        if book.recovery is None:
+            found = recovery.leftovers(book.left_over, await self._previous_records())
+            book.recovery, book.left_over = found, []
+        while book.recovery:
+            await self._settle(book.recovery.pop(0))
+
+    async def _previous_records(self) -> list[WorkloadRecord]:
+        if self.records is None:
+            return []
+        try:
+            return await self.records.ask(lambda reply: PreviousRun(reply=reply), timeout=RECORDS_TIMEOUT)
+        except ActorError as exc:
+            log.warning("The records of the node's last run could not be had", error=str(exc))
+            return []
+
+    async def _settle(self, leftover: recovery.Leftover) -> None:
+        record = leftover.record
+        message = recovery.CRASHED
+        if record is not None and leftover.redeploy:
+            try:
+                workload = await self._redeploy(record)
+            except Exception as exc:  # Refused, or the deploy path's own failure: the others still settle
+                message = recovery.not_redeployed(str(exc))
+                log.error(
+                    "Essential workload not deployed again after the node's crash", name=record.name, error=str(exc)
+                )
+                self._forget(record.workload_id)
+            else:
+                message = recovery.redeployed(workload.vmid)
+                log.info(
+                    "Essential workload deployed again after the node's crash",
+                    name=record.name,
+                    was=record.workload_id,
+                    vmid=workload.vmid,
+                )
+        elif record is not None:
+            if not leftover.ran:
+                log.info("Removing the record of a workload that was not running", name=record.name, key=record.key)
+            self._forget(record.workload_id)
+        if leftover.ran:  # watchers of its id learn that it stopped, and what became of it
+            log.warning(
+                "A workload was running when this node last stopped unexpectedly",
+                name=leftover.name,
+                namespace=leftover.namespace,
+                vmid=leftover.workload_id,
+                outcome=message,
+            )
+            data = events.WorkloadEventData(
+                workload_name=leftover.name,
+                code=-1,
+                message=message,
+                id=leftover.workload_id,
+                namespace=leftover.namespace,
+            )
+            self.publisher.emit(events.WORKLOAD_STOPPED, data, namespace=leftover.namespace)
+
+    async def _redeploy(self, record: WorkloadRecord) -> Workload:
+        """Deploy again a workload of the node's last run, from its record: the deploy request as the
+        node received it, through the deploy path (lame duck, limits, the sealed environment opened
+        with the node's xkey, ``requester_public_keys``, the JWT's signature and ``valid_issuers`` as
+        configured now, the artifact and its hash), as a deploy from a requester would be.
+
+        One check is judged at another time: the JWT's ``exp`` (and ``nbf``) at the moment the node
+        first accepted the request (``accepted_at``), not now. A JWT authorizes a deploy, and that
+        deploy was authorized and done: an essential workload is one its deployer asked the node to
+        keep running, and its in-process restarts never ask the JWT again, so neither does a node
+        that crashed. Judged now, a requester's short-lived JWT would turn a crash of the node into
+        the loss of the workload, with nobody left to deploy it again. ``accepted_at`` is the node's
+        own word: its records are signed with its nkey, and one it did not sign is never read
+        (:mod:`.records`), so nobody who can write to the bucket can push that time back to revive
+        an expired JWT. Removing an issuer from ``valid_issuers`` still stops its workloads from
+        coming back.
+        """
+        subject = subjects.deploy(record.namespace, self.state.node_id)
+        msg = InboundMsg(subject=subject, data=bytes(record.deploy_request))
+        async with self._deploy_workers:
+            return await self._check_and_launch(msg, accepted_at=record.accepted_at, replaces=record)
 
     async def _respond(self, msg: InboundMsg, reply: bytes) -> None:
         try:
