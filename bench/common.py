@@ -137,3 +137,81 @@ def time_fork_exec(binary: Path, n: int = 300) -> list[float]:
         os.waitpid(pid, 0)
         samples.append(time.perf_counter() - start)
     return samples
+
+
+@contextlib.contextmanager
+def echo_responder(url: str) -> Iterator[None]:
+    """A plain nats-py process answering ``bench.echo`` on the server at ``url`` (any server of a cluster)."""
+    responder = subprocess.Popen([sys.executable, "-c", RESPONDER, url], stdout=subprocess.PIPE, text=True)
+    try:
+        assert responder.stdout is not None
+        if responder.stdout.readline().strip() != "ready":
+            raise RuntimeError("the echo responder did not start")
+        yield
+    finally:
+        responder.kill()
+        responder.wait()
+
+
+async def _cluster_formed(urls: list[str]) -> bool:
+    """Every server routes to all the others and JetStream has a meta leader (answers through each)."""
+    import json
+
+    import nats
+
+    async def quiet(error: Exception) -> None:  # a server not listening yet: polled again, not logged
+        pass
+
+    for url in urls:
+        nc = await nats.connect(url, max_reconnect_attempts=0, connect_timeout=2, allow_reconnect=False, error_cb=quiet)
+        try:
+            info = json.loads((await nc.request("$JS.API.INFO", b"", timeout=2)).data)
+            if "error" in info or len(nc.discovered_servers) < len(urls) - 1:
+                return False
+        finally:
+            await nc.close()
+    return True
+
+
+@contextlib.contextmanager
+def nats_cluster(work: Path, size: int = 3, timeout: float = 30) -> Iterator[list[str]]:
+    """``size`` nats-servers on loopback ports, joined by routes, with JetStream clustered over them
+    (stores under ``work``); their client URLs, in order. Stopped (SIGTERM, then SIGKILL) and their
+    stores removed however the block ends."""
+    import asyncio
+
+    ports = [free_port("127.0.0.1") for _ in range(size)]
+    routes = [free_port("127.0.0.1") for _ in range(size)]
+    urls = [f"nats://127.0.0.1:{port}" for port in ports]
+    servers: list[subprocess.Popen[bytes]] = []
+    try:
+        for i, port in enumerate(ports):
+            others = ",".join(f"nats://127.0.0.1:{p}" for j, p in enumerate(routes) if j != i)
+            argv = [
+                str(nats_server_binary()),
+                *("-a", "127.0.0.1", "-p", str(port), "-n", f"bench{i}"),
+                *("-js", "-sd", str(work / f"js-{i}")),
+                *("--cluster_name", "nexbench", "--cluster", f"nats://127.0.0.1:{routes[i]}", "--routes", others),
+            ]
+            servers.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(Exception):
+                if asyncio.run(_cluster_formed(urls)):
+                    break
+            if time.monotonic() > deadline or any(s.poll() is not None for s in servers):
+                raise RuntimeError(f"the NATS cluster did not form within {timeout:g}s")
+            time.sleep(0.1)  # servers say nothing when they have joined: polled, with a deadline
+        yield urls
+    finally:
+        for server in servers:
+            if server.poll() is None:
+                server.terminate()
+        for server in servers:
+            try:
+                server.wait(10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+        for i in range(size):
+            shutil.rmtree(work / f"js-{i}", ignore_errors=True)
