@@ -71,7 +71,7 @@ from nex.state import NodeState
 from nex.vm.machine import Deploy, MachineFailed, MachineMsg, RunningWorkload, Undeploy, WorkloadRejected
 from nex.vm.pool import PoolMsg, Settled, Take, Taken
 
-from . import checks, recovery, store
+from . import checks, migrate, recovery, store
 from .artifact import ArtifactError, Location, check_hash
 from .cache import ArtifactCache
 from .checks import Refused
@@ -90,6 +90,8 @@ RESTART_MAX = 30.0
 RESTART_RESET = 60.0  # an essential workload that ran this long before failing gets its restarts back
 DEPLOY_WORKERS = 8  # deploys running at once (checks, download, hand-over)
 DEPLOY_BACKLOG = 248  # deploys waiting for a worker; more are refused at once
+NODE_STOP_GRACE = 2.0  # seconds a workload has to exit when its node stops (its actor's release takes 5)
+MOVE_RETRY = 2.0  # seconds between a lame duck's attempts to move a workload no other node took
 RECORDS_TIMEOUT = 15.0  # for the records actor to hand over the last run's records
 
 
@@ -137,6 +139,9 @@ class Workload:
     exit_message: str = ""
     reported: trio.Event = field(default_factory=trio.Event)
     stop_tokens: set[str] = field(default_factory=set)
+    moving: bool = False  # lame duck: being moved to another node
+    moved_to: str = ""  # "node N… as workload W": where it runs now (this copy is being stopped)
+    unmoved: str = ""  # why the last attempt to move it failed
 
     @property
     def uptime(self) -> str:
@@ -236,6 +241,8 @@ class WorkloadManager(Actor[WorkloadMsg]):
         return actor_spec(factory, mailbox)
 
     async def on_start(self) -> None:
+        # released last: when the node stops, its workloads end and are said to, before their machines go
+        self.cleanup.push("workloads, if the node stops", self._stop_with_the_node, durable=False)
         for token, (when, spec) in list(self.book.restarts_due.items()):  # a previous run's, cut short
             self.nursery.start_soon(self._after, token, when, spec)
         for workload in list(self.workloads.values()):  # machines that ended while no manager listened
@@ -249,6 +256,7 @@ class WorkloadManager(Actor[WorkloadMsg]):
             sub = await link.subscribe(subject, self.ref)
             self.cleanup.push(f"subscription {subject}", functools.partial(link.unsubscribe, sub), durable=False)
         self.nursery.start_soon(self._recover)
+        self.nursery.start_soon(self._move_when_lameduck)
 
     async def handle(self, message: WorkloadMsg) -> None:
         match message:
@@ -583,6 +591,10 @@ class WorkloadManager(Actor[WorkloadMsg]):
         workload.finished = True
         self.workloads.pop(workload.vmid, None)
         code = workload.exit_code if workload.exit_code is not None else -1
+        if workload.moved_to:
+            workload.exit_message = f"moved to {workload.moved_to}"
+        elif workload.unmoved:
+            workload.exit_message = f"{workload.exit_message}; no other node took it: {workload.unmoved}".lstrip("; ")
         self._emit(workload, events.WORKLOAD_STOPPED, code, workload.exit_message)
         log.info(
             "Workload stopped", name=workload.spec.name, vmid=workload.vmid, code=code, message=workload.exit_message
@@ -636,6 +648,99 @@ class WorkloadManager(Actor[WorkloadMsg]):
             self._schedule_restart(spec)
         finally:
             reservation.release()
+
+    async def _stop_with_the_node(self) -> None:
+        """The node is stopping (not this actor restarting, whose workloads run on): stop every
+        workload, at most :data:`NODE_STOP_GRACE` seconds each and all at once, and publish its
+        ``workload_stopped`` saying why, so that no watcher waits for a workload that is gone."""
+        if not self.state.stop_requested.is_set():
+            return
+        why = f"its node stopped ({self.state.stop_reason})" if self.state.stop_reason else "its node stopped"
+        grace = min(self.state.config.workload_stop_grace_ms / 1000, NODE_STOP_GRACE)
+
+        async def end(workload: Workload) -> None:
+            workload.stopping = True
+            with contextlib.suppress(ActorError), trio.move_on_after(grace + STOP_SLACK):
+                await workload.ref.ask(lambda reply: Undeploy(grace=grace, reply=reply), timeout=grace + STOP_SLACK)
+            if workload.exit_code is None:  # the agent's report waits in the mailbox, which no one reads now
+                workload.exit_code, workload.exit_message = -1, why
+            self._finish(workload)
+
+        async with trio.open_nursery() as nursery:
+            for workload in list(self.workloads.values()):
+                if not workload.finished and not workload.deploying:
+                    nursery.start_soon(end, workload)
+
+    # -- lame duck: moving essential workloads to other nodes ----------------------------------------
+
+    async def _move_when_lameduck(self) -> None:
+        """Once the node is in lame duck, move each essential workload to another node (see
+        :mod:`.migrate`); the node exits when none is left (:mod:`nex.node.lameduck`)."""
+        await self.state.lameduck_entered.wait()
+        for workload in list(self.workloads.values()):
+            if workload.spec.essential and not workload.stopping and not workload.moving:
+                workload.moving = True
+                self.nursery.start_soon(self._move, workload)
+
+    async def _move(self, workload: Workload) -> None:
+        """Place ``workload`` on another node, then stop this copy; while no node takes it, try again
+        every :data:`MOVE_RETRY` seconds (the lame-duck deadline ends the node, and with it this)."""
+        spec = workload.spec
+        movable = self._movable(spec)
+        if movable is None:
+            workload.unmoved = "its deploy request was not kept"
+            return
+        tags = self.state.tags()
+        like_me = control.AuctionRequest(
+            arch=tags.get("nex.arch"),
+            os=tags.get("nex.os"),
+            sandboxed=not self.state.sandbox.unsafe,
+            workload_types=[movable.workload_type],
+        )
+        while not workload.finished and not workload.stopping:
+            try:
+                moved = await migrate.move(
+                    self.control, movable, own_node=self.state.node_id, own_xkey=self.state.identity.xkey,
+                    auction=like_me,
+                )  # fmt: skip
+            except migrate.MoveFailed as exc:
+                if not workload.unmoved:
+                    log.warning("Lame duck: could not move a workload yet", name=spec.name, reason=str(exc))
+                workload.unmoved = str(exc)
+                await trio.sleep(MOVE_RETRY)
+                continue
+            break
+        else:
+            return
+        workload.moved_to = f"node {moved.node_id} as workload {moved.workload_id}"
+        log.info(
+            "Lame duck: moved a workload", name=spec.name, vmid=workload.vmid, to=moved.node_id, id=moved.workload_id
+        )
+        workload.stopping = True
+        self._forget(workload.vmid)
+        grace = self.state.config.workload_stop_grace_ms / 1000
+        with contextlib.suppress(ActorError):  # its machine is gone already: so is this copy
+            await workload.ref.ask(lambda reply: Undeploy(grace=grace, reply=reply), timeout=grace + STOP_SLACK)
+
+    def _movable(self, spec: WorkloadSpec) -> migrate.Movable | None:
+        """What moving ``spec`` takes, from its deploy request as received (None if not kept)."""
+        if not spec.request:
+            return None
+        request = msgspec.json.decode(spec.request, type=control.DeployRequest)
+        if not request.workload_jwt:
+            return None
+        return migrate.Movable(
+            namespace=spec.namespace,
+            name=spec.name,
+            hash=spec.hash,
+            jwt=request.workload_jwt,
+            location=spec.location or request.location_url(),
+            workload_type=request.type or "native",
+            environment=spec.environment,
+            argv=spec.argv,
+            description=spec.description,
+            essential=spec.essential,
+        )
 
     def _emit(self, workload: Workload, event_type: str, code: int, message: str) -> None:
         data = events.WorkloadEventData(

@@ -145,11 +145,27 @@ class EventLog:
     def put(self, subject: str, data: bytes) -> None:
         self._queue.put((subject, data))
 
-    def wait(self, subject_suffix: str, *, source: str | None = None, timeout: float = 20) -> dict[str, Any]:
-        """The next message whose subject ends with ``subject_suffix`` (and CloudEvent ``source``)."""
+    def wait(
+        self,
+        subject_suffix: str,
+        *,
+        source: str | None = None,
+        timeout: float = 20,
+        where: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> dict[str, Any]:
+        """The next message whose subject ends with ``subject_suffix`` (and CloudEvent ``source``, and
+        for which ``where`` holds)."""
         deadline = time.monotonic() + timeout
+
+        def wanted(subject: str, event: dict[str, Any]) -> bool:
+            return (
+                subject.endswith(subject_suffix)
+                and (source is None or event.get("source") == source)
+                and (where is None or where(event))
+            )
+
         for subject, event in self.seen:
-            if subject.endswith(subject_suffix) and (source is None or event.get("source") == source):
+            if wanted(subject, event):
                 self.seen.remove((subject, event))
                 return event
         while True:
@@ -163,7 +179,7 @@ class EventLog:
             except queue.Empty:
                 continue
             event = msgspec.json.decode(data)
-            if subject.endswith(subject_suffix) and (source is None or event.get("source") == source):
+            if wanted(subject, event):
                 return dict(event)
             self.seen.append((subject, event))
 

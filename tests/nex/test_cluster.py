@@ -40,21 +40,15 @@ def cluster(home: Path) -> Iterator[NatsCluster]:
 
 
 def start_nodes(home: Path, cluster: NatsCluster, bus: Bus, **settings: object) -> dict[str, NodeProcess]:
-    """One node per server, tagged zone=a, b, c; each lets its workloads reach its own server."""
+    """One node per server, tagged zone=a, b, c; each lets its workloads reach every server (a workload
+    moved to another node keeps its environment, and with it its server)."""
     nodes = {}
     for zone, server in zip(ZONES, cluster.servers, strict=True):
         config = home / f"{zone}.json"
         config.write_text(json.dumps({"machine_pool_size": 1, **settings}))
+        openings = [arg for other in cluster.servers for arg in ("--allow", f"{GATEWAY}:{other.port}")]
         node = NodeProcess(
-            home,
-            "--config",
-            str(config),
-            "--tag",
-            f"zone={zone}",
-            "--allow",
-            f"{GATEWAY}:{server.port}",
-            server=server.url,
-            name=zone,
+            home, "--config", str(config), "--tag", f"zone={zone}", *openings, server=server.url, name=zone
         )
         nodes[zone] = node.start(bus)
     return nodes
@@ -126,7 +120,7 @@ def test_nodes_on_three_servers_are_listed_bid_by_their_tags_and_lame_duck(
         user = {"HOME": str(home / "user")}
         env = echo_env(cluster.servers[1], "echo.zone", "b-")
         run = run_cli(
-            "run", str(home / "bin" / "echo"), "--tag", "zone=b", "--essential",
+            "run", str(home / "bin" / "echo"), "--tag", "zone=b",
             *(f"--env={k}={v}" for k, v in env.items()), "--json", "-s", cluster.servers[0].url, env=user,
         )  # fmt: skip
         assert run.returncode == 0, run.stderr
@@ -137,7 +131,7 @@ def test_nodes_on_three_servers_are_listed_bid_by_their_tags_and_lame_duck(
         where = {m["id"]: n["node_id"] for n in json.loads(ps.stdout) for m in n["running_machines"]}
         assert where == {started.id: ids["b"]}, "nex ps sees it, on node b, from any server"
 
-        # lame duck by tag: node b (which has a workload, so it stays) stops bidding
+        # lame duck by tag: node b (which has a workload, not an essential one: it stays) stops bidding
         duck = run_cli("lameduck", "--tag", "zone=b", "-s", cluster.servers[0].url, "--timeout", "2s")
         assert duck.returncode == 0, duck.stderr
         assert f"Command to enter lame duck mode issued to {ids['b']}" in duck.stdout
@@ -182,5 +176,87 @@ def test_a_node_whose_server_dies_moves_to_another_and_still_answers(home: Path,
         assert info.returncode == 0, info.stderr
         for node in nodes.values():
             assert node.stop() == 0
+    finally:
+        bus.close()
+
+
+def test_lame_duck_moves_essential_workloads_to_other_nodes_and_exits(
+    home: Path, cluster: NatsCluster, binaries: Binaries
+) -> None:
+    needs_namespaces()
+    bus = Bus(cluster.servers[1].url)
+    try:
+        nodes = start_nodes(home, cluster, bus, machine_pool_size=2)
+        ids = {zone: node.node_id for zone, node in nodes.items()}
+        events = bus.collect("$NEX.events.default.*")
+        (home / "bin").mkdir()
+        (home / "bin" / "echo").write_bytes(binaries.echo)
+        user = {"HOME": str(home / "user")}
+        first: dict[str, str] = {}
+        for name in ("one", "two"):
+            env = echo_env(cluster.servers[0], f"echo.{name}", f"{name}-")
+            run = run_cli(
+                "run", str(home / "bin" / "echo"), "--name", name, "--essential", "--node", ids["a"],
+                *(f"--env={k}={v}" for k, v in env.items()), "--json", "-s", cluster.servers[0].url, env=user,
+            )  # fmt: skip
+            assert run.returncode == 0, run.stderr
+            first[name] = msgspec.json.decode(run.stdout, type=control.RunResponse).id
+            assert echo_request(bus, f"echo.{name}", b"x") == f"{name}-x".encode()
+
+        duck = run_cli("lameduck", ids["a"], "-s", cluster.servers[0].url)
+        assert duck.returncode == 0, duck.stderr
+
+        for name in ("one", "two"):
+            started = events.wait(
+                "default.workload_started",
+                timeout=60,
+                where=lambda e, name=name: e["data"]["workload_name"] == name and e["source"] != ids["a"],
+            )
+            assert started["source"] in (ids["b"], ids["c"]), "moved to another node"
+            stopped = events.wait(
+                "default.workload_stopped", timeout=60, where=lambda e, name=name: e["data"]["id"] == first[name]
+            )
+            assert stopped["source"] == ids["a"]
+            assert (
+                stopped["data"]["message"] == f"moved to node {started['source']} as workload {started['data']['id']}"
+            )
+            assert echo_request(bus, f"echo.{name}", b"y") == f"{name}-y".encode(), "it answers from its new node"
+        assert nodes["a"].wait(60) == 0, "nothing left: the lame duck exits"
+        ps = run_cli("ps", "--json", "-s", cluster.servers[2].url, "--timeout", "2s")
+        where = {m["name"]: n["node_id"] for n in json.loads(ps.stdout) for m in n["running_machines"]}
+        assert set(where) == {"one", "two"}
+        assert ids["a"] not in where.values()
+        for zone in ("b", "c"):
+            assert nodes[zone].stop() == 0
+    finally:
+        bus.close()
+
+
+def test_a_workload_no_other_node_takes_stays_until_the_deadline_and_the_event_says_why(
+    home: Path, cluster: NatsCluster, binaries: Binaries
+) -> None:
+    needs_namespaces()
+    bus = Bus(cluster.servers[0].url)
+    try:
+        server = cluster.servers[0]
+        node = NodeProcess(home, "--allow", f"{GATEWAY}:{server.port}", server=server.url, name="alone").start(bus)
+        events = bus.collect("$NEX.events.default.*")
+        (home / "bin").mkdir()
+        (home / "bin" / "echo").write_bytes(binaries.echo)
+        user = {"HOME": str(home / "user")}
+        env = echo_env(server, "echo.alone", "")
+        run = run_cli(
+            "run", str(home / "bin" / "echo"), "--essential", *(f"--env={k}={v}" for k, v in env.items()),
+            "--json", "-s", server.url, env=user,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        workload = msgspec.json.decode(run.stdout, type=control.RunResponse).id
+
+        duck = run_cli("lameduck", "--deadline", "3s", "-s", server.url)
+        assert duck.returncode == 0, duck.stderr
+        assert echo_request(bus, "echo.alone", b"still") == b"still", "it keeps running meanwhile"
+        stopped = events.wait("default.workload_stopped", timeout=30, where=lambda e: e["data"]["id"] == workload)
+        assert "no other node took it: no other node bid for it" in stopped["data"]["message"]
+        assert node.wait(30) == 0
     finally:
         bus.close()

@@ -138,7 +138,12 @@ async def test_a_fresh_manager_finishes_a_workload_whose_machine_ended_meanwhile
     book.workloads["vm-gone"] = manager.Workload(spec=spec, vmid="vm-gone", ref=gone.ref, deploying=False)
     finished = trio.Event()  # the manager says its workloads changed
     state: Any = types.SimpleNamespace(
-        node_id="N", lameduck=False, workloads_changed=finished.set, config=types.SimpleNamespace()
+        node_id="N",
+        lameduck=False,
+        lameduck_entered=trio.Event(),  # never: nothing to move
+        stop_requested=trio.Event(),  # never: the node does not stop, its manager restarts
+        workloads_changed=finished.set,
+        config=types.SimpleNamespace(),
     )
     events = Events()
     link: Any = QuietLink()
