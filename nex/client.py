@@ -46,6 +46,10 @@ DEFAULT_SERVER = "nats://127.0.0.1:4222"
 # node_started (and what its last run left) within moments, and a follower must be back by then.
 FOLLOW_RECONNECT_WAIT = 0.1
 DISCOVERY_WINDOW = 0.75  # how long to collect ping answers when picking a node
+AUCTION_SETTLE = 0.05
+"""An auction ends once no bid has come for this long after the first: nodes bid within milliseconds
+(a cluster's farthest in a few), so waiting out nex's whole window (0.75 s) only delays the deploy.
+A node too slow to bid by then is not one to place work on."""
 REASK = 0.25  # between pings while waiting for an expected number of nodes
 UPLOAD_BUCKET = "NEXCLIFILES"  # nex devrun's bucket
 UPLOAD_MAX_BYTES = 100 * 1024 * 1024  # nex's objectStoreMaxBytes
@@ -226,7 +230,8 @@ class NexClient:
 
     async def auction(self, request: control.AuctionRequest) -> list[control.AuctionResponse]:
         """The bids of every node that would take a workload like ``request`` (``$NEX.AUCTION``),
-        gathered for :data:`DISCOVERY_WINDOW` (or --timeout if shorter)."""
+        gathered for :data:`DISCOVERY_WINDOW` (or --timeout if shorter), or until they stop coming
+        (:data:`AUCTION_SETTLE`)."""
         window = min(self.timeout, DISCOVERY_WINDOW)
         return await self._gather(
             subjects.AUCTION,
@@ -235,6 +240,7 @@ class NexClient:
             window=window,
             key=lambda bid: bid.node_id,
             payload=msgspec.json.encode(request),
+            settle=AUCTION_SETTLE,
         )
 
     async def place(self, request: control.AuctionRequest) -> control.AuctionResponse:
@@ -386,8 +392,10 @@ class NexClient:
         window: float | None = None,
         key: Callable[[T], str] | None = None,
         payload: bytes = b"",
+        settle: float | None = None,
     ) -> list[T]:
-        """Scatter/gather: the answers to ``subject`` within ``window`` (the timeout), or the first ``expect``.
+        """Scatter/gather: the answers to ``subject`` within ``window`` (the timeout), or the first
+        ``expect``; with ``settle``, also once ``settle`` seconds pass with no new answer after the first.
 
         With ``expect`` and ``key`` (what tells answerers apart), the question is asked again every
         :data:`REASK` seconds until ``expect`` different answerers have answered: one that starts
@@ -402,7 +410,7 @@ class NexClient:
             deadline = time.monotonic() + (self.timeout if window is None else window)
             next_ask = time.monotonic() + REASK
             while (remaining := deadline - time.monotonic()) > 0 and (expect is None or len(found) < expect):
-                wait = remaining
+                wait = remaining if settle is None or not found else min(remaining, settle)
                 if reask:
                     if time.monotonic() >= next_ask:
                         await self.nc.publish(subject, payload, reply=inbox)
@@ -411,6 +419,8 @@ class NexClient:
                 try:
                     msg = await sub.next_msg(timeout=wait)
                 except nats.errors.TimeoutError:
+                    if settle is not None and found and wait < remaining:
+                        break  # quiet since the last answer: every node that will answer soon has
                     continue
                 with contextlib.suppress(NexError):  # a node that cannot answer is not one we can list
                     answer = _unwrap(msg.data, kind)

@@ -29,7 +29,8 @@ from nex.bus.link import LinkError, NatsLink
 from . import request as workload_request
 from .placement import pick
 
-AUCTION_WINDOW = 0.75  # seconds to gather bids (nex devrun's discovery window)
+AUCTION_WINDOW = 0.75  # seconds to gather bids at most (nex devrun's discovery window)
+AUCTION_SETTLE = 0.05  # and no longer than this after the last bid (nodes bid within milliseconds)
 DEPLOY_TIMEOUT = 30.0  # for the new node to start the workload (it may have to start a machine)
 
 
@@ -107,7 +108,8 @@ async def move(
 
 
 async def gather_bids(link: NatsLink, request: control.AuctionRequest) -> list[control.AuctionResponse]:
-    """Every bid for ``request`` within :data:`AUCTION_WINDOW` (scatter/gather on the control link)."""
+    """Every bid for ``request`` within :data:`AUCTION_WINDOW`, or until they stop coming (scatter/gather
+    on the control link)."""
     payload = msgspec.json.encode(request)
 
     async def gather(nc: Client) -> list[bytes]:
@@ -118,8 +120,12 @@ async def gather_bids(link: NatsLink, request: control.AuctionRequest) -> list[c
             await nc.publish(subjects.AUCTION, payload, reply=inbox)
             deadline = time.monotonic() + AUCTION_WINDOW
             while (left := deadline - time.monotonic()) > 0:
-                with contextlib.suppress(nats.errors.TimeoutError):
-                    replies.append((await sub.next_msg(timeout=left)).data)
+                wait = min(left, AUCTION_SETTLE) if replies else left
+                try:
+                    replies.append((await sub.next_msg(timeout=wait)).data)
+                except nats.errors.TimeoutError:
+                    if replies:
+                        break  # quiet since the last bid (see AUCTION_SETTLE)
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
