@@ -167,6 +167,15 @@ class NodeConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     workload_stop_grace_ms: int = 5_000  # between SIGTERM and SIGKILL when a workload is stopped
     artifact_cache_bytes: int = 64 << 20  # verified artifacts kept for deploys of the same hash; 0: none
     state_replicas: int = 1  # replicas of the workload records' KV bucket, if this node creates it (1-5)
+    # An xkey seed (SX…) every node of the cluster holds: nodes also seal each recorded environment to
+    # it, so that when a node dies another can open and run its essential workloads ("" : none can)
+    cluster_workload_key: str = ""
+    node_dead_after_ms: int = 0  # a node silent this long is taken for dead (0: 3 heartbeat intervals)
+
+    def dead_after(self) -> float:
+        """Seconds of silence (no heartbeat) after which a node is taken for dead."""
+        return (self.node_dead_after_ms or 3 * self.heartbeat_interval_ms) / 1000
+
     bus_thread_affinity: Literal["colocate", "none"] = "colocate"
     agent_launcher: Literal["zygote", "spawn"] = "zygote"
     sandbox: SandboxConfig = msgspec.field(default_factory=SandboxConfig)
@@ -309,6 +318,15 @@ def validate(config: NodeConfig) -> list[str]:
     at_least(config.essential_backoff_ms, 0, "$.essential_backoff_ms")
     at_least(config.workload_stop_grace_ms, 0, "$.workload_stop_grace_ms")
     at_least(config.artifact_cache_bytes, 0, "$.artifact_cache_bytes")
+    if config.cluster_workload_key:
+        try:
+            crypto.XKey.from_seed(config.cluster_workload_key)
+        except crypto.InvalidKey:
+            problems.append(
+                "cluster_workload_key must be an xkey seed (SX…, as `nk -gen curve` makes), the same on every "
+                "node of the cluster, at $.cluster_workload_key"
+            )
+    at_least(config.node_dead_after_ms, 0, "$.node_dead_after_ms")
     if not 1 <= config.state_replicas <= 5:
         problems.append("state_replicas must be between 1 and 5 (JetStream's limit) at $.state_replicas")
     for field in ("max_workloads", "max_workload_bytes", "max_total_bytes"):

@@ -13,6 +13,7 @@
     ├── records          the workloads' records in the control NATS's KV bucket
     ├── workloads        deploys, stops, the workloads' logs and events; settles a crashed last run's
     ├── control-api      answers $NEX.* requests
+    ├── takeover         runs the essential workloads of nodes that stopped answering
     ├── heartbeat        heartbeat events
     └── lameduck         stops the node once lame duck has nothing left to wait for
 
@@ -83,6 +84,7 @@ from .heartbeat import Heartbeat
 from .host import HostObjects, link_group, node_stem
 from .lameduck import LameDuckWatcher
 from .progress import FillProgress
+from .takeover import Takeover
 
 log = logs.get("nex.node")
 
@@ -332,6 +334,7 @@ class Node:
             records_spec,
             workloads_spec,
             ControlApi.spec(lambda: ControlApi(state, control_link, publisher, self._tree, pool_view, machines_view)),
+            Takeover.spec(lambda: Takeover(state, control_link, publisher)),
             Heartbeat(state, publisher).child_spec(),
             LameDuckWatcher(state).child_spec(),
         ]

@@ -39,6 +39,7 @@ restarts that are due, and what is left to settle of the node's last run.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import time
@@ -64,7 +65,7 @@ from actors import (
 )
 from nex import crypto, logs, sysinfo
 from nex.api import agent as agent_api
-from nex.api import control, events, subjects
+from nex.api import control, events, gojson, subjects
 from nex.bus.events import EventPublisher
 from nex.bus.link import InboundMsg, LinkError, NatsLink
 from nex.state import NodeState
@@ -778,8 +779,20 @@ class WorkloadManager(Actor[WorkloadMsg]):
             started_at=started_at,
             restart_pending=restart_pending,
             deploy_request=msgspec.Raw(spec.request),
+            **self._shared_environment(spec),
         )
         tell(self.records, Keep(record=record))
+
+    def _shared_environment(self, spec: WorkloadSpec) -> dict[str, str]:
+        """The environment sealed to the cluster's shared workload key, if there is one (see
+        :mod:`nex.node.takeover`): what lets another node run the workload should this one die."""
+        seed = self.state.config.cluster_workload_key
+        if not seed:
+            return {}
+        cluster = crypto.XKey.from_seed(seed)
+        own = self.state.identity.xkey
+        sealed = own.seal(gojson.dumps(gojson.go_map(spec.environment)), cluster.public_key)
+        return {"shared_environment": base64.b64encode(sealed).decode(), "shared_sender": own.public_key}
 
     def _forget(self, workload_id: str) -> None:
         if workload_id:

@@ -77,6 +77,10 @@ class WorkloadRecord(msgspec.Struct, kw_only=True, frozen=True):
     started_at: str = ""  # RFC 3339: when this run of it started ("" while a restart is pending)
     restart_pending: bool = False  # it exited and an essential restart is due
     deploy_request: msgspec.Raw  # the $NEX.DEPLOY body as received: its environment still sealed
+    # with a cluster_workload_key: the environment sealed from shared_sender (the node's xkey) to it,
+    # base64, which any node of the cluster can open to run the workload if this node dies
+    shared_environment: str = ""
+    shared_sender: str = ""
     signature: str = ""  # by the node's nkey, over :func:`signed_text`
 
     @property
@@ -101,6 +105,8 @@ def signed_text(record: WorkloadRecord) -> bytes:
         record.location,
     ]
     fields += [record.hash, record.essential, record.restarts, record.accepted_at, record.restart_pending, request]
+    if record.shared_environment:  # (records without one verify as they did before it existed)
+        fields += [record.shared_environment, record.shared_sender]
     return msgspec.json.encode(fields)
 
 

@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import nats.errors
 import pytest
 
 from nex.api import control, subjects
+from nex.crypto import XKey
 
 from .cluster_fixture import NatsCluster
-from .support import Bus, NodeProcess, run_cli
+from .support import Bus, EventLog, NodeProcess, run_cli
 from .test_workloads import GATEWAY, echo_env, echo_request, needs_namespaces
 from .workloads import Binaries
 
@@ -42,16 +45,16 @@ def cluster(home: Path) -> Iterator[NatsCluster]:
 def start_nodes(home: Path, cluster: NatsCluster, bus: Bus, **settings: object) -> dict[str, NodeProcess]:
     """One node per server, tagged zone=a, b, c; each lets its workloads reach every server (a workload
     moved to another node keeps its environment, and with it its server)."""
-    nodes = {}
-    for zone, server in zip(ZONES, cluster.servers, strict=True):
-        config = home / f"{zone}.json"
-        config.write_text(json.dumps({"machine_pool_size": 1, **settings}))
-        openings = [arg for other in cluster.servers for arg in ("--allow", f"{GATEWAY}:{other.port}")]
-        node = NodeProcess(
-            home, "--config", str(config), "--tag", f"zone={zone}", *openings, server=server.url, name=zone
-        )
-        nodes[zone] = node.start(bus)
-    return nodes
+    return {zone: zone_node(home, cluster, zone, **settings).start(bus) for zone in ZONES}
+
+
+def zone_node(home: Path, cluster: NatsCluster, zone: str, **settings: object) -> NodeProcess:
+    """The node of ``zone`` (on the state directory it always has: a second one is the same node again)."""
+    server = cluster.servers[ZONES.index(zone)]
+    config = home / f"{zone}.json"
+    config.write_text(json.dumps({"machine_pool_size": 1, **settings}))
+    openings = [arg for other in cluster.servers for arg in ("--allow", f"{GATEWAY}:{other.port}")]
+    return NodeProcess(home, "--config", str(config), "--tag", f"zone={zone}", *openings, server=server.url, name=zone)
 
 
 def gather(bus: Bus, subject: str, payload: bytes, expect: int, window: float) -> list[bytes]:
@@ -258,5 +261,105 @@ def test_a_workload_no_other_node_takes_stays_until_the_deadline_and_the_event_s
         stopped = events.wait("default.workload_stopped", timeout=30, where=lambda e: e["data"]["id"] == workload)
         assert "no other node took it: no other node bid for it" in stopped["data"]["message"]
         assert node.wait(30) == 0
+    finally:
+        bus.close()
+
+
+def drain(events: EventLog, kind: str) -> list[dict[str, Any]]:
+    """Every event of ``kind`` received so far and not yet waited for."""
+    found = []
+    with contextlib.suppress(TimeoutError):
+        while True:
+            found.append(events.wait(kind, timeout=0.01))
+    return found
+
+
+def test_a_dead_nodes_essential_workload_runs_again_once_on_another_node(
+    home: Path, cluster: NatsCluster, binaries: Binaries
+) -> None:
+    needs_namespaces()
+    settings = {"cluster_workload_key": XKey.generate().seed, "heartbeat_interval_ms": 300, "node_dead_after_ms": 1500}
+    bus = Bus(cluster.servers[0].url)
+    try:
+        nodes = start_nodes(home, cluster, bus, **settings)
+        ids = {node.node_id: zone for zone, node in nodes.items()}
+        events = bus.collect("$NEX.events.default.*")
+        (home / "bin").mkdir()
+        (home / "bin" / "echo").write_bytes(binaries.echo)
+        user = {"HOME": str(home / "user")}
+        env = echo_env(cluster.servers[0], "echo.keep", "kept-")
+        run = run_cli(
+            "run", str(home / "bin" / "echo"), "--name", "keep", "--essential", "--node", nodes["b"].node_id,
+            *(f"--env={k}={v}" for k, v in env.items()), "--json", "-s", cluster.servers[0].url, env=user,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        workload, host = msgspec.json.decode(run.stdout, type=control.RunResponse).id, "b"
+        assert echo_request(bus, "echo.keep", b"0") == b"kept-0"
+        events.wait("default.workload_started", timeout=10, where=lambda e: e["data"]["id"] == workload)
+
+        for round_ in (1, 2):  # twice: the second time from the node that took it the first time
+            nodes[host].signal(signal.SIGKILL)
+            assert nodes[host].wait(10) == -signal.SIGKILL
+            dead = workload
+            stopped = events.wait(
+                "default.workload_stopped", timeout=60, where=lambda e, dead=dead: e["data"]["id"] == dead
+            )
+            taker = ids[stopped["source"]]
+            assert taker != host
+            started = events.wait("default.workload_started", timeout=10, source=stopped["source"])
+            assert started["data"]["workload_name"] == "keep"
+            silent = f"its node {nodes[host].node_id} stopped answering"
+            assert (
+                stopped["data"]["message"]
+                == f"{silent}; running again on node {stopped['source']} as workload {started['data']['id']}"
+            )
+            assert echo_request(bus, "echo.keep", f"{round_}".encode()) == f"kept-{round_}".encode()
+            ps = run_cli("ps", "keep", "--json", "-s", cluster.servers[1].url, "--timeout", "2s")
+            copies = [(n["node_id"], m["id"]) for n in json.loads(ps.stdout) for m in n["running_machines"]]
+            assert copies == [(stopped["source"], started["data"]["id"])], "exactly one copy runs"
+            assert drain(events, "default.workload_started") == [], "started once, by one node"
+            assert drain(events, "default.workload_stopped") == [], "and reported once"
+
+            back = zone_node(home, cluster, host, **settings).start(bus)  # releases what the killed one left
+            assert drain(events, "default.workload_started") == [], "its records are gone: it runs nothing again"
+            assert back.stop() == 0
+            drain(events, "default.workload_stopped")  # it may say its machine's workload ended: so it did
+            workload, host = started["data"]["id"], taker
+        for node in nodes.values():
+            node.stop()
+    finally:
+        bus.close()
+
+
+def test_without_a_shared_key_a_dead_nodes_workload_is_reported_lost(
+    home: Path, cluster: NatsCluster, binaries: Binaries
+) -> None:
+    needs_namespaces()
+    settings = {"heartbeat_interval_ms": 300, "node_dead_after_ms": 1500}
+    bus = Bus(cluster.servers[0].url)
+    try:
+        nodes = start_nodes(home, cluster, bus, **settings)
+        events = bus.collect("$NEX.events.default.*")
+        (home / "bin").mkdir()
+        (home / "bin" / "echo").write_bytes(binaries.echo)
+        user = {"HOME": str(home / "user")}
+        env = echo_env(cluster.servers[0], "echo.lost", "")
+        run = run_cli(
+            "run", str(home / "bin" / "echo"), "--essential", "--node", nodes["c"].node_id,
+            *(f"--env={k}={v}" for k, v in env.items()), "--json", "-s", cluster.servers[0].url, env=user,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        workload = msgspec.json.decode(run.stdout, type=control.RunResponse).id
+        events.wait("default.workload_started", timeout=10, where=lambda e: e["data"]["id"] == workload)
+        nodes["c"].signal(signal.SIGKILL)
+        nodes["c"].wait(10)
+        stopped = events.wait("default.workload_stopped", timeout=60, where=lambda e: e["data"]["id"] == workload)
+        assert stopped["source"] in (nodes["a"].node_id, nodes["b"].node_id)
+        assert "; lost: " in stopped["data"]["message"]
+        assert "cluster_workload_key" in stopped["data"]["message"], "says what would have saved it"
+        assert drain(events, "default.workload_started") == [], "no node runs what it cannot open"
+        zone_node(home, cluster, "c", **settings).start(bus).stop()  # releases what the killed one left
+        for zone in ("a", "b"):
+            assert nodes[zone].stop() == 0
     finally:
         bus.close()
