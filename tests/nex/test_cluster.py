@@ -206,6 +206,7 @@ def test_lame_duck_moves_essential_workloads_to_other_nodes_and_exits(
             first[name] = msgspec.json.decode(run.stdout, type=control.RunResponse).id
             assert echo_request(bus, f"echo.{name}", b"x") == f"{name}-x".encode()
 
+        logs = bus.collect("$NEX.logs.default.>")
         duck = run_cli("lameduck", ids["a"], "-s", cluster.servers[0].url)
         assert duck.returncode == 0, duck.stderr
 
@@ -224,6 +225,8 @@ def test_lame_duck_moves_essential_workloads_to_other_nodes_and_exits(
                 stopped["data"]["message"] == f"moved to node {started['source']} as workload {started['data']['id']}"
             )
             assert echo_request(bus, f"echo.{name}", b"y") == f"{name}-y".encode(), "it answers from its new node"
+            line = logs.wait(f"{started['source']}.{name}.{started['data']['id']}", timeout=20)
+            assert line["text"].startswith("echo:"), "and its logs go on, under its new node"
         assert nodes["a"].wait(60) == 0, "nothing left: the lame duck exits"
         ps = run_cli("ps", "--json", "-s", cluster.servers[2].url, "--timeout", "2s")
         where = {m["name"]: n["node_id"] for n in json.loads(ps.stdout) for m in n["running_machines"]}
