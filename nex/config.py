@@ -166,7 +166,9 @@ class NodeConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     essential_backoff_ms: int = 1_000  # wait before its first restart; doubles each time, at most 30 s
     workload_stop_grace_ms: int = 5_000  # between SIGTERM and SIGKILL when a workload is stopped
     artifact_cache_bytes: int = 64 << 20  # verified artifacts kept for deploys of the same hash; 0: none
-    state_replicas: int = 1  # replicas of the workload records' KV bucket, if this node creates it (1-5)
+    # replicas of the workload records' KV bucket, if this node creates it (1-5); 0: as many as the
+    # cluster allows, up to 3 (1 on a single server)
+    state_replicas: int = 0
     # An xkey seed (SX…) every node of the cluster holds: nodes also seal each recorded environment to
     # it, so that when a node dies another can open and run its essential workloads ("" : none can)
     cluster_workload_key: str = ""
@@ -327,8 +329,11 @@ def validate(config: NodeConfig) -> list[str]:
                 "node of the cluster, at $.cluster_workload_key"
             )
     at_least(config.node_dead_after_ms, 0, "$.node_dead_after_ms")
-    if not 1 <= config.state_replicas <= 5:
-        problems.append("state_replicas must be between 1 and 5 (JetStream's limit) at $.state_replicas")
+    if not 0 <= config.state_replicas <= 5:
+        problems.append(
+            "state_replicas must be between 1 and 5 (JetStream's limit), or 0 for as many as the cluster "
+            "allows, at $.state_replicas"
+        )
     for field in ("max_workloads", "max_workload_bytes", "max_total_bytes"):
         at_least(getattr(config.node_limits, field), 0, f"$.node_limits.{field}")
     if not 0 <= config.internal_node_port <= 65535:

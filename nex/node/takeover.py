@@ -44,7 +44,8 @@ from nex.workload import request as workload_request
 
 log = logs.get("nex.node")
 
-DEPLOY_TIMEOUT = 30.0  # for this node to start a workload it takes over (it may start a machine)
+DEPLOY_TIMEOUT = 120.0  # for this node to start a workload it takes over (as a lame duck's move waits)
+PING_TIMEOUT = 1.0  # for a node taken for dead to prove it is not
 HEARD = (events.HEARTBEAT, events.NODE_STARTED)
 
 
@@ -90,7 +91,7 @@ class Takeover(Actor[InboundMsg]):
                 self._failing = False
 
     async def _settle_the_dead(self) -> None:
-        if self.state.lameduck:  # it takes no work: the live nodes that do will settle them
+        if not self._can_take():  # the live nodes that can will settle them
             return
         now = trio.current_time()
         replicas = self.state.config.state_replicas
@@ -99,10 +100,38 @@ class Takeover(Actor[InboundMsg]):
             if node == self.state.node_id or now - self.heard.get(node, self.since) < self.dead_after:
                 continue
             record = records.decode(value)
-            if record is None or record.key != key or not records.signed_by_its_node(record):
+            if record is None or record.key != key or not self._trusted(record) or revision <= 0:
                 continue  # not an instruction anyone may give
+            if await self._answers(node):  # its heartbeats were late, or lost: it lives
+                self.heard[node] = trio.current_time()
+                continue
+            if not self._can_take():
+                return
             if await self.link.call(lambda nc, key=key, revision=revision: claim(nc, replicas, key, revision)):  # type: ignore[misc]
                 await self._take(record)
+
+    def _can_take(self) -> bool:
+        """Whether this node would take a workload now (as it would bid for one)."""
+        limit = self.state.config.node_limits.max_workloads
+        return not self.state.lameduck and not (limit and self.state.running_workloads() >= limit)
+
+    def _trusted(self, record: records.WorkloadRecord) -> bool:
+        """A record to act on: signed by the node it names and, with a shared key, written by a node of
+        this cluster (any nkey can sign a record; only a member holds the key). Without a shared key,
+        only the records of nodes this node has heard from: a stranger's only lead to an event."""
+        if not records.signed_by_its_node(record):
+            return False
+        if self.shared is not None:
+            return records.from_the_cluster(record, self.state.config.cluster_workload_key)
+        return record.node_id in self.heard
+
+    async def _answers(self, node: str) -> bool:
+        """Whether ``node`` answers a ping of its own (silent on the event stream is not dead)."""
+        try:
+            await self.link.request(subjects.ping(node), b"", timeout=PING_TIMEOUT)
+        except LinkError:
+            return False
+        return True
 
     async def _take(self, record: records.WorkloadRecord) -> None:
         """Settle ``record`` of a dead node, which this node has claimed: run it here, or say it is lost."""
@@ -112,7 +141,7 @@ class Takeover(Actor[InboundMsg]):
             return
         try:
             workload = await self._run_here(record)
-        except _Lost as exc:
+        except (_Lost, msgspec.DecodeError) as exc:
             log.warning("A workload of a dead node is lost", name=record.name, node=record.node_id, reason=str(exc))
             self._stopped(record, f"{silent}; lost: {exc}")
             return

@@ -77,7 +77,7 @@ from .artifact import ArtifactError, Location, check_hash
 from .cache import ArtifactCache
 from .checks import Refused
 from .elf import NotRunnable, check_static_executable
-from .records import Forget, Keep, PreviousRun, RecordsMsg, WorkloadRecord, tell
+from .records import ClaimOwn, Forget, Keep, PreviousRun, RecordsMsg, WorkloadRecord, tell
 
 log = logs.get("nex.workload")
 
@@ -143,6 +143,7 @@ class Workload:
     moving: bool = False  # lame duck: being moved to another node
     moved_to: str = ""  # "node N… as workload W": where it runs now (this copy is being stopped)
     unmoved: str = ""  # why the last attempt to move it failed
+    maybe_elsewhere: bool = False  # a move that timed out: it may run on that node, so no other attempt
 
     @property
     def uptime(self) -> str:
@@ -679,7 +680,7 @@ class WorkloadManager(Actor[WorkloadMsg]):
         :mod:`.migrate`); the node exits when none is left (:mod:`nex.node.lameduck`)."""
         await self.state.lameduck_entered.wait()
         for workload in list(self.workloads.values()):
-            if workload.spec.essential and not workload.stopping and not workload.moving:
+            if workload.spec.essential and not (workload.stopping or workload.moving or workload.maybe_elsewhere):
                 workload.moving = True
                 self.nursery.start_soon(self._move, workload)
 
@@ -698,21 +699,27 @@ class WorkloadManager(Actor[WorkloadMsg]):
             sandboxed=not self.state.sandbox.unsafe,
             workload_types=[movable.workload_type],
         )
-        while not workload.finished and not workload.stopping:
-            try:
-                moved = await migrate.move(
-                    self.control, movable, own_node=self.state.node_id, own_xkey=self.state.identity.xkey,
-                    auction=like_me,
-                )  # fmt: skip
-            except migrate.MoveFailed as exc:
-                if not workload.unmoved:
-                    log.warning("Lame duck: could not move a workload yet", name=spec.name, reason=str(exc))
-                workload.unmoved = str(exc)
-                await trio.sleep(MOVE_RETRY)
-                continue
-            break
-        else:
-            return
+        try:
+            while not workload.finished and not workload.stopping:
+                try:
+                    moved = await migrate.move(
+                        self.control, movable, own_node=self.state.node_id, own_xkey=self.state.identity.xkey,
+                        auction=like_me,
+                    )  # fmt: skip
+                except migrate.MoveFailed as exc:
+                    if not workload.unmoved or exc.maybe_moved:
+                        log.warning("Lame duck: could not move a workload yet", name=spec.name, reason=str(exc))
+                    workload.unmoved = str(exc)
+                    if exc.maybe_moved:  # not tried again: it may run there (it stays here until the deadline)
+                        workload.maybe_elsewhere = True
+                        return
+                    await trio.sleep(MOVE_RETRY)
+                    continue
+                break
+            else:
+                return
+        finally:
+            workload.moving = False  # a restarted manager takes up what this one did not finish
         workload.moved_to = f"node {moved.node_id} as workload {moved.workload_id}"
         log.info(
             "Lame duck: moved a workload", name=spec.name, vmid=workload.vmid, to=moved.node_id, id=moved.workload_id
@@ -821,6 +828,8 @@ class WorkloadManager(Actor[WorkloadMsg]):
     async def _settle(self, leftover: recovery.Leftover) -> None:
         record = leftover.record
         message = recovery.CRASHED
+        if record is not None and not await self._claim_own(record):
+            return  # another node took it for dead, runs it, and said so
         if record is not None and leftover.redeploy:
             try:
                 workload = await self._redeploy(record)
@@ -858,6 +867,17 @@ class WorkloadManager(Actor[WorkloadMsg]):
                 namespace=leftover.namespace,
             )
             self.publisher.emit(events.WORKLOAD_STOPPED, data, namespace=leftover.namespace)
+
+    async def _claim_own(self, record: WorkloadRecord) -> bool:
+        """Whether the last run's ``record`` is still this node's to settle (see :class:`ClaimOwn`)."""
+        if self.records is None:
+            return True
+        try:
+            return await self.records.ask(
+                lambda reply: ClaimOwn(workload_id=record.workload_id, reply=reply), timeout=RECORDS_TIMEOUT
+            )
+        except ActorError:
+            return True
 
     async def _redeploy(self, record: WorkloadRecord) -> Workload:
         """Deploy again a workload of the node's last run, from its record: the deploy request as the

@@ -24,18 +24,28 @@ from nats.aio.client import Client
 
 from nex import crypto
 from nex.api import control, subjects
-from nex.bus.link import LinkError, NatsLink
+from nex.bus.link import LinkError, NatsLink, RequestTimeout
 
 from . import request as workload_request
 from .placement import pick
 
 AUCTION_WINDOW = 0.75  # seconds to gather bids at most (nex devrun's discovery window)
 AUCTION_SETTLE = 0.05  # and no longer than this after the last bid (nodes bid within milliseconds)
-DEPLOY_TIMEOUT = 30.0  # for the new node to start the workload (it may have to start a machine)
+DEPLOY_TIMEOUT = 120.0
+"""For the new node to start the workload: longer than its own worst case (a machine to take, the
+artifact to fetch, the agent's start, once more on a fresh machine), since a move that times out may
+still start there: it is not tried elsewhere (see :class:`MoveFailed` ``maybe_moved``)."""
 
 
 class MoveFailed(Exception):
-    """The workload could not be moved (the message says why: no bid, or the new node refused)."""
+    """The workload could not be moved (the message says why: no bid, or the new node refused).
+
+    ``maybe_moved``: the node chosen did not answer in time, and may start it yet; another attempt
+    could run it twice, so there is none."""
+
+    def __init__(self, message: str, *, maybe_moved: bool = False) -> None:
+        super().__init__(message)
+        self.maybe_moved = maybe_moved
 
 
 @dataclass(frozen=True)
@@ -73,7 +83,10 @@ async def move(
     Raises:
         MoveFailed: no other node bid, or the one chosen refused or did not answer.
     """
-    bids = [bid for bid in await gather_bids(link, auction) if bid.node_id != own_node]
+    try:
+        bids = [bid for bid in await gather_bids(link, auction) if bid.node_id != own_node]
+    except (LinkError, nats.errors.Error) as exc:  # the control link's trouble: another attempt later
+        raise MoveFailed(f"no auction: {exc}") from None
     if not bids:
         raise MoveFailed(f"no other node bid for it on {subjects.AUCTION} within {AUCTION_WINDOW:g}s")
     target = pick(bids)
@@ -93,6 +106,8 @@ async def move(
     subject = subjects.deploy(workload.namespace, target.node_id)
     try:
         reply = await link.request(subject, body, timeout=DEPLOY_TIMEOUT)
+    except RequestTimeout:
+        raise MoveFailed(f"node {target.node_id} did not answer in time; it may run it yet", maybe_moved=True) from None
     except LinkError as exc:
         raise MoveFailed(f"node {target.node_id} did not take it: {exc}") from None
     try:

@@ -6,7 +6,8 @@ essential workloads again (see :mod:`.recovery`), and what the other nodes of a 
 about it.
 
 The bucket, :data:`BUCKET`, is shared by every node of a cluster: the first node creates it, with
-``state_replicas`` replicas (as many as the operator's cluster allows; 1 on a single server), and
+``state_replicas`` replicas (by default as many as the operator's cluster allows, up to 3: JetStream
+refuses more replicas than it has servers, and a single server any), and
 the others bind to it. A record's key is ``{node_id}.{workload_id}`` (the workload id is its
 machine's vmid), so nodes never write each other's keys and a node reads its own with one filtered
 watch. The value is a :class:`WorkloadRecord` as JSON: the ``$NEX.DEPLOY`` body as received, its
@@ -35,7 +36,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
+import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -55,6 +58,7 @@ from nex.state import NodeState
 log = logs.get("nex.workload")
 
 BUCKET = "NEXNODE_WORKLOADS"
+AUTO_REPLICAS = (3, 2, 1)  # tried in turn when state_replicas is 0: a cluster refuses more than it has
 KV_TIMEOUT = 5.0  # each JetStream request
 PURGE_MARKER_TTL = 600.0  # seconds a removed record's purge marker stays
 RETRY_FIRST = 1.0  # after a failed write; doubles each time
@@ -82,6 +86,9 @@ class WorkloadRecord(msgspec.Struct, kw_only=True, frozen=True):
     shared_environment: str = ""
     shared_sender: str = ""
     signature: str = ""  # by the node's nkey, over :func:`signed_text`
+    # HMAC-SHA256 of :func:`signed_text` under the cluster_workload_key (hex): that a node of this
+    # cluster wrote it (any nkey can sign a record; only a member knows the key)
+    cluster_mac: str = ""
 
     @property
     def key(self) -> str:
@@ -105,14 +112,26 @@ def signed_text(record: WorkloadRecord) -> bytes:
         record.location,
     ]
     fields += [record.hash, record.essential, record.restarts, record.accepted_at, record.restart_pending, request]
-    if record.shared_environment:  # (records without one verify as they did before it existed)
+    if record.shared_environment or record.shared_sender:  # (records without verify as before they existed)
         fields += [record.shared_environment, record.shared_sender]
     return msgspec.json.encode(fields)
 
 
-def sign(record: WorkloadRecord, identity: crypto.NodeIdentity) -> WorkloadRecord:
+def sign(record: WorkloadRecord, identity: crypto.NodeIdentity, cluster_key: str = "") -> WorkloadRecord:
+    """``record`` signed by the node, and with a cluster_workload_key, its MAC under that key."""
     signature = identity.nkey.sign(signed_text(record))
-    return msgspec.structs.replace(record, signature=base64.urlsafe_b64encode(signature).decode())
+    mac = cluster_mac(record, cluster_key) if cluster_key else ""
+    return msgspec.structs.replace(record, signature=base64.urlsafe_b64encode(signature).decode(), cluster_mac=mac)
+
+
+def cluster_mac(record: WorkloadRecord, cluster_key: str) -> str:
+    secret = hashlib.sha256(b"nex-cluster-record-mac\0" + cluster_key.encode()).digest()
+    return hmac.new(secret, signed_text(record), hashlib.sha256).hexdigest()
+
+
+def from_the_cluster(record: WorkloadRecord, cluster_key: str) -> bool:
+    """Whether a node that holds ``cluster_key`` wrote ``record`` as it is."""
+    return bool(record.cluster_mac) and hmac.compare_digest(record.cluster_mac, cluster_mac(record, cluster_key))
 
 
 def signed_by_its_node(record: WorkloadRecord) -> bool:
@@ -154,7 +173,17 @@ class PreviousRun(Message):
     reply: Reply[list[WorkloadRecord]]
 
 
-RecordsMsg = Keep | Forget | PreviousRun
+class ClaimOwn(Message):
+    """Before a record of the last run is acted on: delete it if it is still as it was read (a KV
+    delete conditional on its revision); answered False if another node took it meanwhile (a node
+    that took this one for dead: see :mod:`nex.node.takeover`), True otherwise (also when the bucket
+    cannot say: the node's own records are its own to act on)."""
+
+    workload_id: str
+    reply: Reply[bool]
+
+
+RecordsMsg = Keep | Forget | PreviousRun | ClaimOwn
 
 
 @dataclass(eq=False)
@@ -168,6 +197,7 @@ class RecordBook:
     handed_over: bool = False  # the workload manager took the last run's records
     failing: bool = False  # the node said it keeps no records (and says so when it keeps them again)
     marker_ttl: bool = True  # purge markers expire (a bucket that refuses per-message TTLs gets plain ones)
+    revisions: dict[str, int] = field(default_factory=dict)  # the last run's records: revision as read
 
 
 class WorkloadRecords(Actor[RecordsMsg]):
@@ -194,7 +224,8 @@ class WorkloadRecords(Actor[RecordsMsg]):
     async def handle(self, message: RecordsMsg) -> None:
         match message:
             case Keep(record=record):
-                self.book.pending[record.key] = sign(record, self.state.identity)
+                signed = sign(record, self.state.identity, self.state.config.cluster_workload_key)
+                self.book.pending[record.key] = signed
                 self._wake.set()
             case Forget(workload_id=workload_id):
                 key = record_key(self.node_id, workload_id)
@@ -207,6 +238,25 @@ class WorkloadRecords(Actor[RecordsMsg]):
                 previous, self.book.previous = self.book.previous, []
                 self.book.handed_over = True
                 reply.send(previous)
+            case ClaimOwn(workload_id=workload_id, reply=reply):
+                reply.send(await self._claim_own(record_key(self.node_id, workload_id)))
+
+    async def _claim_own(self, key: str) -> bool:
+        revision = self.book.revisions.pop(key, 0)
+        if revision <= 0 or self._kv is None:
+            return True
+        kv = self._kv
+        try:
+            await self.link.call(lambda nc: kv.delete(key, last=revision))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            log.info("A record of the last run was taken by another node", key=key)
+            self.book.stored.discard(key)
+            return False
+        except Exception as exc:  # cannot tell: the node's own record, acted on
+            log.warning("Could not claim a record of the last run", key=key, error=_why(exc))
+            return True
+        self.book.stored.discard(key)
+        return True
 
     async def _writer(self) -> None:
         """Write what is pending, in the background; after a failure, try again with backoff."""
@@ -252,12 +302,12 @@ class WorkloadRecords(Actor[RecordsMsg]):
             self._adopt(found)
         return kv
 
-    def _adopt(self, found: list[tuple[str, bytes]]) -> None:
+    def _adopt(self, found: list[tuple[str, bytes, int]]) -> None:
         """Our keys found in the bucket at the first open: the last run's records (until the manager took
         them; the ones not signed by this node are removed) or, once it has, leftovers to remove."""
         book = self.book
         book.loaded = True
-        for key, value in found:
+        for key, value, revision in found:
             if key in book.stored or key in book.pending:
                 continue  # this run's
             record = decode(value)
@@ -267,6 +317,7 @@ class WorkloadRecords(Actor[RecordsMsg]):
                 log.warning("Removing a workload record this node did not sign", bucket=BUCKET, key=key)
             else:
                 book.previous.append(record)
+                book.revisions[key] = revision
                 book.stored.add(key)
                 continue
             book.stored.add(key)
@@ -347,27 +398,34 @@ def tell(records: ActorRef[RecordsMsg] | None, message: Keep | Forget) -> None:
 
 
 async def open_bucket(nc: Client, replicas: int) -> KeyValue:
-    """The records' bucket, created if it is missing (idempotent: a second node, or a race, finds it)."""
+    """The records' bucket, created if it is missing (idempotent: a second node, or a race, finds it),
+    with ``replicas`` replicas, or (0) the most of 3, 2, 1 that the cluster accepts."""
     js = nc.jetstream(timeout=KV_TIMEOUT)
     try:
         return await js.key_value(BUCKET)
     except nats.js.errors.BucketNotFoundError:
         pass
-    try:
-        return await js.create_key_value(
-            bucket=BUCKET, history=1, replicas=replicas, description="nex nodes' workloads, by node id and workload id"
-        )
-    except nats.js.errors.BadRequestError:  # created meanwhile by another node (perhaps with another config)
-        return await js.key_value(BUCKET)
+    choices = [replicas] if replicas else list(AUTO_REPLICAS)
+    for count in choices:
+        try:
+            return await js.create_key_value(
+                bucket=BUCKET, history=1, replicas=count, description="nex nodes' workloads, by node id and workload id"
+            )
+        except nats.js.errors.APIError:
+            with contextlib.suppress(nats.js.errors.BucketNotFoundError):
+                return await js.key_value(BUCKET)  # created meanwhile by another node (perhaps otherwise)
+            if count == choices[-1]:
+                raise
+    raise AssertionError("unreachable: the last choice raises")
 
 
-async def read_own(kv: KeyValue, node_id: str) -> list[tuple[str, bytes]]:
-    """The node's keys in the bucket and their values (one watch, filtered by the server)."""
+async def read_own(kv: KeyValue, node_id: str) -> list[tuple[str, bytes, int]]:
+    """The node's keys in the bucket, their values and revisions (one watch, filtered by the server)."""
     watcher = await kv.watch(record_key(node_id, ">"), ignore_deletes=True)
-    found: list[tuple[str, bytes]] = []
+    found: list[tuple[str, bytes, int]] = []
     try:
         while (entry := await watcher.updates(timeout=KV_TIMEOUT)) is not None:  # type: ignore[no-untyped-call]
-            found.append((entry.key, entry.value or b""))
+            found.append((entry.key, entry.value or b"", entry.revision or 0))
     finally:
         await watcher.stop()  # type: ignore[no-untyped-call]
     return found

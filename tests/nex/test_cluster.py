@@ -22,6 +22,7 @@ import pytest
 
 from nex.api import control, subjects
 from nex.crypto import XKey
+from nex.workload import records
 
 from .cluster_fixture import NatsCluster
 from .support import Bus, EventLog, NodeProcess, run_cli
@@ -229,9 +230,9 @@ def test_lame_duck_moves_essential_workloads_to_other_nodes_and_exits(
             assert line["text"].startswith("echo:"), "and its logs go on, under its new node"
         assert nodes["a"].wait(60) == 0, "nothing left: the lame duck exits"
         ps = run_cli("ps", "--json", "-s", cluster.servers[2].url, "--timeout", "2s")
-        where = {m["name"]: n["node_id"] for n in json.loads(ps.stdout) for m in n["running_machines"]}
-        assert set(where) == {"one", "two"}
-        assert ids["a"] not in where.values()
+        copies = sorted((m["name"], n["node_id"]) for n in json.loads(ps.stdout) for m in n["running_machines"])
+        assert [name for name, _ in copies] == ["one", "two"], "one copy of each"
+        assert ids["a"] not in [node for _, node in copies]
         for zone in ("b", "c"):
             assert nodes[zone].stop() == 0
     finally:
@@ -299,6 +300,8 @@ def test_a_dead_nodes_essential_workload_runs_again_once_on_another_node(
         workload, host = msgspec.json.decode(run.stdout, type=control.RunResponse).id, "b"
         assert echo_request(bus, "echo.keep", b"0") == b"kept-0"
         events.wait("default.workload_started", timeout=10, where=lambda e: e["data"]["id"] == workload)
+        stream = bus.run(bus.nc.jetstream().stream_info(f"KV_{records.BUCKET}"))
+        assert stream.config.num_replicas == 3, "the records are replicated as the cluster allows"
 
         for round_ in (1, 2):  # twice: the second time from the node that took it the first time
             nodes[host].signal(signal.SIGKILL)
@@ -324,7 +327,10 @@ def test_a_dead_nodes_essential_workload_runs_again_once_on_another_node(
             assert drain(events, "default.workload_stopped") == [], "and reported once"
 
             back = zone_node(home, cluster, host, **settings).start(bus)  # releases what the killed one left
-            assert drain(events, "default.workload_started") == [], "its records are gone: it runs nothing again"
+            ps = run_cli("ps", "keep", "--json", "-s", cluster.servers[1].url, "--timeout", "3s")  # its recovery too
+            copies = [(n["node_id"], m["id"]) for n in json.loads(ps.stdout) for m in n["running_machines"]]
+            assert copies == [(stopped["source"], started["data"]["id"])], "its records are gone: it runs nothing"
+            assert drain(events, "default.workload_started") == []
             assert back.stop() == 0
             drain(events, "default.workload_stopped")  # it may say its machine's workload ended: so it did
             workload, host = started["data"]["id"], taker

@@ -32,7 +32,7 @@ from nex.vm.machine import RunningWorkload
 from nex.workload import checks, recovery
 from nex.workload import request as workload_request
 from nex.workload.checks import Refused
-from nex.workload.records import BUCKET, WorkloadRecord, sign, signed_by_its_node
+from nex.workload.records import BUCKET, WorkloadRecord, from_the_cluster, sign, signed_by_its_node
 
 from .support import Bus, NatsServerProc, NodeProcess, wait_for_port
 from .test_workloads import config_file, echo_env, echo_request, needs_namespaces, reach
@@ -166,11 +166,29 @@ def test_a_record_verifies_only_as_its_node_signed_it() -> None:
         "deploy_request": msgspec.Raw(b'{"workload_jwt":"y"}'),
         "workload_id": "vm2",
         "node_id": other.node_id,
+        "namespace": "other",  # and what a takeover acts on
+        "name": "other",
+        "location": "nats://ELSEWHERE/x",
+        "hash": "0" * 64,
+        "shared_environment": "eGt2MQ==",
+        "shared_sender": "XAAA",
     }
     for name, value in tampered.items():
         assert not signed_by_its_node(msgspec.structs.replace(signed, **{name: value})), name
     assert not signed_by_its_node(sign(record(node_id=node.node_id), other)), "another node's signature"
     assert not signed_by_its_node(msgspec.structs.replace(signed, signature="not base64!"))
+
+
+def test_only_a_holder_of_the_cluster_key_writes_a_record_another_node_acts_on() -> None:
+    """Any nkey signs a record of its own "node": a takeover acts only on records MACed under the key."""
+    node, key, other_key = crypto.NodeIdentity.generate(), crypto.XKey.generate().seed, crypto.XKey.generate().seed
+    member = sign(record(node_id=node.node_id, shared_environment="eGt2MQ==", shared_sender="X"), node, key)
+    assert from_the_cluster(member, key)
+    stranger = sign(record(node_id=node.node_id, shared_environment="eGt2MQ==", shared_sender="X"), node, other_key)
+    assert signed_by_its_node(stranger), "a perfectly signed record"
+    assert not from_the_cluster(stranger, key), "but not from this cluster"
+    assert not from_the_cluster(sign(record(node_id=node.node_id), node), key), "no MAC at all"
+    assert not from_the_cluster(msgspec.structs.replace(member, name="other"), key), "the MAC covers what it signs"
 
 
 def test_a_redeploy_judges_the_jwt_expiry_when_the_request_was_accepted() -> None:
@@ -422,7 +440,7 @@ def test_state_replicas_is_a_config_key_within_jetstreams_limits(tmp_path: Path)
     path = tmp_path / "node.json"
     path.write_text(json.dumps({"state_replicas": 3}))
     assert config.load(path).config.state_replicas == 3
-    assert config.load(None).config.state_replicas == 1
-    path.write_text(json.dumps({"state_replicas": 0}))
+    assert config.load(None).config.state_replicas == 0  # as many as the cluster allows
+    path.write_text(json.dumps({"state_replicas": -1}))
     with pytest.raises(config.ConfigError, match=r"state_replicas must be between 1 and 5"):
         config.load(path)
