@@ -172,6 +172,7 @@ class Takeover(Actor[InboundMsg]):
             description=request.description or "",
             essential=True,
             workload_type=request.type or "native",
+            jsdomain=request.jsdomain or "",
         )
         body = workload_request.forwarded_request(deploy, request.workload_jwt, str(uuid.uuid4()), self.shared)
         try:

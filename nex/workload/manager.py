@@ -748,6 +748,7 @@ class WorkloadManager(Actor[WorkloadMsg]):
             argv=spec.argv,
             description=spec.description,
             essential=spec.essential,
+            jsdomain=request.jsdomain or "",
         )
 
     def _emit(self, workload: Workload, event_type: str, code: int, message: str) -> None:

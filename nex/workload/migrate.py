@@ -62,6 +62,7 @@ class Movable:
     argv: list[str]
     description: str
     essential: bool
+    jsdomain: str = ""  # the JetStream domain of the artifact's store, if not the default
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ async def move(
         description=workload.description,
         essential=workload.essential,
         workload_type=workload.workload_type,
+        jsdomain=workload.jsdomain,
     )
     body = workload_request.forwarded_request(deploy, workload.jwt, str(uuid.uuid4()), own_xkey)
     subject = subjects.deploy(workload.namespace, target.node_id)
