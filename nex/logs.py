@@ -8,7 +8,9 @@ the line they print: ``log.info("Machine started", vmid=vmid, ip=ip)``.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -31,17 +33,38 @@ def _quote(value: object) -> str:
 
 
 class KeyValueFormatter(logging.Formatter):
-    """``HH:MM:SS LVL message key=value …`` with the fields passed through :class:`Log`."""
+    """``HH:MM:SS LVL message key=value …`` with the fields passed through :class:`Log`; without the
+    time (``stamp=False``) where journald timestamps every line itself."""
+
+    def __init__(self, stamp: bool = True) -> None:
+        super().__init__()
+        self.stamp = stamp
 
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%H:%M:%S", time.localtime(record.created)) + f".{int(record.msecs):03d}"
         fields: dict[str, Any] = getattr(record, "fields", {})
-        parts = [stamp, _SHORT.get(record.levelno, record.levelname), record.getMessage()]
+        parts = [_SHORT.get(record.levelno, record.levelname), record.getMessage()]
+        if self.stamp:
+            parts.insert(0, time.strftime("%H:%M:%S", time.localtime(record.created)) + f".{int(record.msecs):03d}")
         parts += [f"{k}={_quote(v)}" for k, v in fields.items()]
         line = " ".join(parts)
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``time`` (RFC 3339, UTC), ``level``, ``logger``, ``msg``, then the
+    fields (``error`` with the traceback, if any): for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        line: dict[str, Any] = {"time": stamp, "level": record.levelname.lower(), "logger": record.name}
+        line["msg"] = record.getMessage()
+        for key, value in getattr(record, "fields", {}).items():
+            line.setdefault(key, value if isinstance(value, int | float | bool) or value is None else str(value))
+        if record.exc_info:
+            line["error"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
 
 
 class Log:
@@ -82,10 +105,25 @@ class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
-def configure(level: str = "info") -> None:
-    """Send every log line to stderr in the key=value format (called once by ``nex up``)."""
+def configure(level: str = "info", fmt: str = "text") -> None:
+    """Send every log line to stderr (called once by ``nex up``): ``text``, the key=value lines, with
+    their time unless journald is reading them (``JOURNAL_STREAM``: it stamps each line), or ``json``."""
     handler = _CurrentStderr()
-    handler.setFormatter(KeyValueFormatter())
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(KeyValueFormatter(stamp=not _to_journald()))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(LEVELS[level])
+
+
+def _to_journald() -> bool:
+    """Whether stderr is the journal stream systemd gave this process (``JOURNAL_STREAM``: its
+    device and inode, as systemd.exec documents)."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        stat = os.fstat(sys.stderr.fileno())
+        return bool(device) and (stat.st_dev, stat.st_ino) == (int(device), int(inode))
+    except (OSError, ValueError, AttributeError):
+        return False

@@ -111,6 +111,7 @@ def up(
     no_sandbox: bool = False,
     driver: Literal["process", "qemu", "firecracker"] | None = None,
     log_level: Literal["debug", "info", "warn", "error"] = "info",
+    log_format: Literal["text", "json"] = "text",
     conn: Connection = Connection(),  # noqa: B008  (cyclopts reads the defaults from here)
 ) -> int:
     """Run a node on this host.
@@ -153,6 +154,9 @@ def up(
         qemu when the config names a kernel or rootfs, else process].
     log_level
         Least severe log lines to print.
+    log_format
+        Log lines as text (key=value; without their time under systemd, whose journal stamps them) or
+        one JSON object each.
     """
     return _guard(
         lambda: _up(
@@ -170,6 +174,7 @@ def up(
             no_sandbox=no_sandbox,
             driver=driver,
             log_level=log_level,
+            log_format=log_format,
             server=conn.server,
         )
     )
@@ -206,6 +211,7 @@ def _up(
     no_sandbox: bool,
     driver: str | None,
     log_level: str,
+    log_format: str,
     server: str | None,
 ) -> int:
     import trio
@@ -234,7 +240,7 @@ def _up(
     if no_sandbox:
         overrides["no_sandbox"] = True
 
-    logs.configure(log_level)
+    logs.configure(log_level, log_format)
     log = logs.get("nex.cli")
     try:
         loaded = node_config.load(config, overrides, openings=[_opening(text) for text in allow])

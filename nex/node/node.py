@@ -84,6 +84,7 @@ from .heartbeat import Heartbeat
 from .host import HostObjects, link_group, node_stem
 from .lameduck import LameDuckWatcher
 from .progress import FillProgress
+from .systemd import Notifier
 from .takeover import Takeover
 
 log = logs.get("nex.node")
@@ -189,7 +190,10 @@ class Node:
         """Start the tree, serve until asked to stop, and tear everything down (host objects last)."""
         colocate = self.config.bus_thread_affinity == "colocate"
         host_objects = CleanupStack(journal=self._journal, owner="node")
+        notifier = Notifier()
+        notifier.status(f"starting node {state.name}")
         async with host_objects, open_asyncio_thread(colocate=colocate) as aio, trio.open_nursery() as nursery:
+            nursery.start_soon(notifier.keep_watchdog_fed)
             if self._networks is not None and self._networks.namespaced:
                 nursery.start_soon(trio.to_thread.run_sync, netns.warm_up)
             with trio.CancelScope() as startup:
@@ -202,9 +206,11 @@ class Node:
                     events.NodeStartedData(version=state.version, id=state.node_id, tags=state.tags()),
                 )
                 log.info("Node is ready", node=state.node_id, name=state.name)
+                notifier.ready(f"ready: node {state.name}, {self.config.machine_pool_size} warm machines")
             self._startup = None
             await state.stop_requested.wait()
             log.info("Stopping node", reason=state.stop_reason)
+            notifier.stopping(f"stopping: {state.stop_reason}")
             if not startup.cancelled_caught:
                 with trio.CancelScope() as self._graceful, trio.move_on_after(5):
                     await publisher.emit_flushed(
