@@ -45,14 +45,15 @@ ACCEPTED_NOT_APPLIED = (
     "rate_limiters",
     "host_services",
     "public_nats_server",
-    "otlp_exporter_url",
-    "otel_metrics",
-    "otel_metrics_port",
-    "otel_metrics_exporter",
-    "otel_traces",
-    "otel_traces_exporter",
     "autostart",
 )
+
+METRICS_EXPORTERS = ("prometheus", "otlp", "file")
+"""``otel_metrics_exporter``: a Prometheus endpoint, OTLP over HTTP to ``otlp_exporter_url``, or
+``metrics.log`` in the state directory (nex's ``file``)."""
+TRACES_EXPORTERS = ("otlp", "http", "file")
+"""``otel_traces_exporter``: OTLP over HTTP (nex's ``http``; ``otlp`` is the same) to
+``otlp_exporter_url``, or ``traces.log`` in the state directory (nex's ``file``)."""
 
 
 class CniConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -142,12 +143,13 @@ class NodeConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     rate_limiters: Any = None
     host_services: Any = None
     public_nats_server: Any = None
-    otlp_exporter_url: Any = None
-    otel_metrics: Any = None
-    otel_metrics_port: Any = None
-    otel_metrics_exporter: Any = None
-    otel_traces: Any = None
-    otel_traces_exporter: Any = None
+    # OpenTelemetry (nex's keys; see nex/node/telemetry.py): nothing at all unless turned on
+    otel_metrics: bool = False
+    otel_metrics_exporter: str = "prometheus"
+    otel_metrics_port: int = 8085  # the Prometheus endpoint's, on every address: http://HOST:PORT/metrics
+    otel_traces: bool = False
+    otel_traces_exporter: str = "file"
+    otlp_exporter_url: str = ""  # OTLP/HTTP collector, e.g. http://127.0.0.1:4318 ("": the SDK's default)
     autostart: Any = None
     # this node's own keys
     driver: Driver | None = None  # None: qemu when kernel_path or rootfs_path is set, else process
@@ -334,6 +336,7 @@ def validate(config: NodeConfig) -> list[str]:
             "state_replicas must be between 1 and 5 (JetStream's limit), or 0 for as many as the cluster "
             "allows, at $.state_replicas"
         )
+    problems += _validate_telemetry(config)
     for field in ("max_workloads", "max_workload_bytes", "max_total_bytes"):
         at_least(getattr(config.node_limits, field), 0, f"$.node_limits.{field}")
     if not 0 <= config.internal_node_port <= 65535:
@@ -376,6 +379,33 @@ def validate(config: NodeConfig) -> list[str]:
     if not config.cni.network_name or "/" in config.cni.network_name:
         problems.append("cni.network_name must be a plain name (it names a directory) at $.cni.network_name")
     problems += _validate_sandbox(config, subnet)
+    return problems
+
+
+def _validate_telemetry(config: NodeConfig) -> list[str]:
+    problems: list[str] = []
+    if config.otel_metrics_exporter not in METRICS_EXPORTERS:
+        problems.append(
+            f"otel_metrics_exporter must be one of {', '.join(METRICS_EXPORTERS)}, not "
+            f"{config.otel_metrics_exporter!r}, at $.otel_metrics_exporter"
+        )
+    if not 1 <= config.otel_metrics_port <= 65535:
+        problems.append("otel_metrics_port must be between 1 and 65535 at $.otel_metrics_port")
+    if config.otel_traces_exporter == "grpc":
+        problems.append(
+            "otel_traces_exporter grpc is not supported by this node: use http (OTLP over HTTP, a collector's "
+            "port 4318) at $.otel_traces_exporter"
+        )
+    elif config.otel_traces_exporter not in TRACES_EXPORTERS:
+        problems.append(
+            f"otel_traces_exporter must be one of {', '.join(TRACES_EXPORTERS)}, not "
+            f"{config.otel_traces_exporter!r}, at $.otel_traces_exporter"
+        )
+    url = config.otlp_exporter_url
+    if url and not re.fullmatch(r"(https?://)?[^\s/:]+(:\d{1,5})?(/\S*)?", url):
+        problems.append(
+            f"otlp_exporter_url must be a URL such as http://127.0.0.1:4318, not {url!r}, at $.otlp_exporter_url"
+        )
     return problems
 
 

@@ -86,6 +86,7 @@ from .lameduck import LameDuckWatcher
 from .progress import FillProgress
 from .systemd import Notifier
 from .takeover import Takeover
+from .telemetry import Telemetry, TelemetryError
 
 log = logs.get("nex.node")
 
@@ -134,6 +135,7 @@ class Node:
         self._journal = Journal(state_dir / "journal")
         self._progress = FillProgress()
         self._orphans: list[RunningWorkload] = []
+        self._telemetry = Telemetry(config, state_dir)
 
     async def run(self) -> int:
         """Run until stopped; raise :class:`NodeError` (one error, not a group) if the node cannot start."""
@@ -180,6 +182,7 @@ class Node:
                         await self._serve(state)
                     finally:
                         watcher.cancel_scope.cancel()
+                        self._telemetry.shutdown()  # after the tree: the last deploys' spans are flushed
             if state.failure is not None:
                 log.error("Node stopped after a failure", error=str(state.failure))
                 return 1
@@ -309,7 +312,9 @@ class Node:
         )
         record_book = RecordBook()
         records = records_mailbox()
-        records_spec = WorkloadRecords.spec(lambda: WorkloadRecords(state, control_link, record_book), records)
+        records_spec = WorkloadRecords.spec(
+            lambda: WorkloadRecords(state, control_link, record_book, taken=workload_mailbox.ref.send_nowait), records
+        )
         workload_book = manager.WorkloadManager.new_book(state)
         workload_book.left_over, self._orphans = self._orphans, []  # settled by the manager (nex.workload.recovery)
         workloads_spec = manager.WorkloadManager.spec(
@@ -318,6 +323,11 @@ class Node:
             ),
             workload_mailbox,
         )
+
+        try:
+            self._telemetry.start(state, pool_book, workload_book, [control_link, internal_link])
+        except TelemetryError as exc:
+            raise NodeError(str(exc)) from None
 
         def pool_view() -> list[control.PoolMember]:
             kind = driver.kind

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import msgspec
 import trio
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from actors import Actor, ActorRef, Journal, Mailbox, Message, Registry, Reply, Shutdown
 from nex import logs
@@ -37,6 +39,7 @@ from .state import MachineDir
 
 log = logs.get("nex.vm")
 _encoder = msgspec.json.Encoder()
+_tracer = trace.get_tracer("nex.vm")  # a no-op unless the node turned traces on (nex.node.telemetry)
 UNDEPLOY_SLACK = 5.0  # beyond the workload's grace, for the agent to kill it and answer
 ANSWER_GRACE = 1.0  # for a deploy's answer sent just before the agent exited
 STORE_DROP_TIMEOUT = 1.0
@@ -76,6 +79,7 @@ class Deploy(Message):
     request: agent_api.AgentDeployRequest
     artifact: bytes
     reply: Reply[None]
+    trace: object = None  # the deployer's OpenTelemetry context: its span is the parent of this one's stages
 
 
 class Undeploy(Message):
@@ -241,8 +245,13 @@ class Machine(Actor[MachineMsg]):
         match message:
             case Describe(reply=reply):
                 reply.send(self.info())
-            case Deploy(request=request, artifact=artifact, reply=reply):
-                await self._deploy(request, artifact, reply)
+            case Deploy(request=request, artifact=artifact, reply=reply, trace=parent):
+                token = otel_context.attach(parent) if isinstance(parent, otel_context.Context) else None
+                try:
+                    await self._deploy(request, artifact, reply)
+                finally:
+                    if token is not None:
+                        otel_context.detach(token)
             case Undeploy(grace=grace, reply=reply):
                 await self._undeploy(grace, reply)
 
@@ -271,13 +280,15 @@ class Machine(Actor[MachineMsg]):
             folder.write_json(
                 "workload.json", RunningWorkload(vmid=vmid, name=request.workload_name, namespace=request.namespace)
             )
-            await link.call(lambda nc: staging.stage(nc, vmid, artifact, request.hash))
-            answer = await link.request(
-                agent_api.deploy(vmid),
-                _encoder.encode(request),
-                timeout=self.deps.deploy_timeout,
-                reply_prefix=agent_api.replies(vmid),
-            )
+            with _tracer.start_as_current_span("staging"):
+                await link.call(lambda nc: staging.stage(nc, vmid, artifact, request.hash))
+            with _tracer.start_as_current_span("agent"):
+                answer = await link.request(
+                    agent_api.deploy(vmid),
+                    _encoder.encode(request),
+                    timeout=self.deps.deploy_timeout,
+                    reply_prefix=agent_api.replies(vmid),
+                )
             response = msgspec.json.decode(answer.data, type=agent_api.DeployResponse)
         except Exception as exc:  # the store, the link, the agent's answer: all the machine's
             (folder.path / "workload.json").unlink(missing_ok=True)

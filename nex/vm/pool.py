@@ -36,6 +36,7 @@ from typing import Protocol
 
 import msgspec
 import trio
+from opentelemetry import metrics
 
 from actors import (
     Actor,
@@ -58,6 +59,16 @@ log = logs.get("nex.vm")
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 10.0
 SETTLE_TIMEOUT = 5.0  # a taker that never says it has settled delays replacements no longer than this
+
+# On the OpenTelemetry API's global meter: no-ops unless the node turned metrics on (nex.node.telemetry)
+_meter = metrics.get_meter("nex.vm")
+WARMUP_TIME = _meter.create_histogram(
+    "nex-machine-warmup-time", unit="ms", description="From a machine's start to its agent's handshake"
+)
+MACHINE_FAILURES = _meter.create_counter("nex-machine-failures", description="Machines that failed to start")
+MACHINE_REPLACEMENTS = _meter.create_counter(
+    "nex-machine-replacements", description="Machines started to replace one that left the warm pool"
+)
 
 
 class PoolFailed(Exception):
@@ -252,6 +263,8 @@ class Pool(Actor[PoolMsg]):
                 continue
             if missing > 0 and not self.node.lameduck:
                 await trio.sleep_until(self.book.not_before)
+                if self.book.handshakes > 0:  # not the first fill: these replace machines that left
+                    MACHINE_REPLACEMENTS.add(self.size - len(self.members))
                 for _ in range(self.size - len(self.members)):
                     vmid, seed = await self.deps.credentials.take()  # at once, from the stock
                     self.members[vmid] = _Member(vmid, self.book.generation)
@@ -305,11 +318,13 @@ class Pool(Actor[PoolMsg]):
             self._retire(member)
             return
         warmup_ms = (time.monotonic() - member.since) * 1000
+        WARMUP_TIME.record(warmup_ms)
         log.info("Adding new VM to warm pool", vmid=vmid, ip=member.ip, warmup_ms=f"{warmup_ms:.1f}")
         self._report()
         self._serve_takes()
 
     def _failed(self, vmid: str, exc: Exception) -> None:
+        MACHINE_FAILURES.add(1)
         if isinstance(exc, HandshakeTimeout) and self.book.handshakes == 0:
             self._fatal = PoolFailed(
                 f"first handshake failed: {exc}. Check that agents can reach the internal NATS server at "

@@ -41,13 +41,16 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import contextvars
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import msgspec
 import trio
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, trace
 
 from actors import (
     Actor,
@@ -77,7 +80,7 @@ from .artifact import ArtifactError, Location, check_hash
 from .cache import ArtifactCache
 from .checks import Refused
 from .elf import NotRunnable, check_static_executable
-from .records import ClaimOwn, Forget, Keep, PreviousRun, RecordsMsg, WorkloadRecord, tell
+from .records import ClaimOwn, Forget, Keep, PreviousRun, RecordsMsg, RecordTaken, WorkloadRecord, tell
 
 log = logs.get("nex.workload")
 
@@ -94,6 +97,30 @@ DEPLOY_BACKLOG = 248  # deploys waiting for a worker; more are refused at once
 NODE_STOP_GRACE = 2.0  # seconds a workload has to exit when its node stops (its actor's release takes 5)
 MOVE_RETRY = 2.0  # seconds between a lame duck's attempts to move a workload no other node took
 RECORDS_TIMEOUT = 15.0  # for the records actor to hand over the last run's records
+
+# On the OpenTelemetry API's global meter and tracer: no-ops unless the node turned them on
+# (nex.node.telemetry). A deploy is a span, "deploy", with one child per stage: checks, artifact,
+# machine (taking one from the pool), staging and agent (in the machine's actor), started.
+_meter = metrics.get_meter("nex.workload")
+_tracer = trace.get_tracer("nex.workload")
+DEPLOY_LATENCY = _meter.create_histogram(
+    "nex-deploy-latency", unit="ms", description="From a deploy request's arrival to its reply, by outcome"
+)
+DEPLOY_REFUSALS = _meter.create_counter(
+    "nex-deploy-refusals",
+    description="Deploys refused, by reason: the stage that refused it (busy, lameduck, limits, checks, "
+    "artifact, machine, agent)",
+)
+ESSENTIAL_RESTARTS = _meter.create_counter("nex-essential-restarts", description="Restarts of essential workloads")
+_STAGE: contextvars.ContextVar[str] = contextvars.ContextVar("nex_deploy_stage", default="checks")
+
+
+@contextlib.contextmanager
+def _stage(name: str) -> Iterator[None]:
+    """One stage of a deploy: its span, and what a refusal in it is counted as."""
+    _STAGE.set(name)
+    with _tracer.start_as_current_span(name):
+        yield
 
 
 class MachineEnded(Message):
@@ -123,7 +150,7 @@ class WorkloadSpec(msgspec.Struct):
     previous: str = ""  # the workload id of the run this one replaces (whose record it takes over)
 
 
-WorkloadMsg = InboundMsg | MachineEnded
+WorkloadMsg = InboundMsg | MachineEnded | RecordTaken
 
 
 @dataclass(eq=False)
@@ -276,12 +303,19 @@ class WorkloadManager(Actor[WorkloadMsg]):
                 workload = self.workloads.get(vmid)
                 if workload is not None and not workload.finished:
                     self.nursery.start_soon(self._machine_ended, workload, reason)
+            case RecordTaken(workload_id=vmid):
+                workload = self.workloads.get(vmid)
+                if workload is not None and not workload.finished and not workload.stopping:
+                    workload.moved_to = "another node, which took this one for dead"
+                    workload.stopping = True
+                    self.nursery.start_soon(self._end_here, workload)
 
     # -- deploy ----------------------------------------------------------------------------------
 
     async def _accept_deploy(self, msg: InboundMsg) -> None:
         """Queue a deploy for a worker, or refuse it at once when the backlog is full."""
         if self._deploys >= DEPLOY_WORKERS + DEPLOY_BACKLOG:
+            DEPLOY_REFUSALS.add(1, {"reason": "busy"})
             log.warning("Deploy refused: too many deploys in progress", subject=msg.subject, deploys=self._deploys)
             busy = f"Node is busy: {self._deploys} deploys in progress. Try again shortly"
             await self._respond(msg, control.failure(control.RUN_RESPONSE, busy))
@@ -293,39 +327,50 @@ class WorkloadManager(Actor[WorkloadMsg]):
         """One deploy, answered exactly once: also when the manager is stopped half way (the node
         stopping, a crash of the actor), with a reply that says so, shielded and bounded."""
         reply = control.failure(control.RUN_RESPONSE, "Failed to deploy workload: the node stopped before it was done")
+        arrived = time.monotonic()
+        outcome = "stopped"
         try:
-            async with self._deploy_workers:
-                reply = await self._deploy_now(msg)
+            with _tracer.start_as_current_span("deploy", attributes={"nex.subject": msg.subject}):
+                async with self._deploy_workers:
+                    reply, outcome = await self._deploy_now(msg)
         finally:
             self._deploys -= 1
             with trio.CancelScope(shield=True), trio.move_on_after(REPLY_GRACE):
                 await self._respond(msg, reply)
+            DEPLOY_LATENCY.record((time.monotonic() - arrived) * 1000, {"outcome": outcome})
 
-    async def _deploy_now(self, msg: InboundMsg) -> bytes:
-        """Check and launch; the reply to send."""
+    async def _deploy_now(self, msg: InboundMsg) -> tuple[bytes, str]:
+        """Check and launch; the reply to send, and the outcome: started, refused or failed."""
         try:
             workload = await self._check_and_launch(msg)
             spec = workload.spec
+            trace.get_current_span().set_attributes(
+                {"nex.workload.id": workload.vmid, "nex.workload.name": spec.name, "nex.namespace": spec.namespace}
+            )
             reply = control.success(
                 control.RUN_RESPONSE,
                 control.RunResponse(started=True, id=workload.vmid, issuer=spec.issuer, name=spec.name),
             )
+            return reply, "started"
         except Refused as exc:
+            DEPLOY_REFUSALS.add(1, {"reason": _STAGE.get()})
             log.warning("Deploy refused", subject=msg.subject, reason=str(exc))
-            reply = control.failure(control.RUN_RESPONSE, str(exc))
+            return control.failure(control.RUN_RESPONSE, str(exc)), "refused"
         except Exception as exc:
             log.error("Deploy failed", exc, subject=msg.subject)
             reply = control.failure(control.RUN_RESPONSE, f"Failed to deploy workload: internal error: {exc}")
-        return reply
+            return reply, "failed"
 
     async def _check_and_launch(
         self, msg: InboundMsg, *, accepted_at: int | None = None, replaces: WorkloadRecord | None = None
     ) -> Workload:
         """The deploy path: reserve, check, launch (raises :class:`Refused`, or worse). A redeploy
         names the record of the run it ``replaces``: its restarts carry on, and its record goes."""
+        _STAGE.set("limits")
         reservation = self._reserve()
         try:
-            spec = await self._check(msg, reservation, accepted_at)
+            with _stage("checks"):
+                spec = await self._check(msg, reservation, accepted_at)
             if replaces is not None:
                 spec = msgspec.structs.replace(spec, restarts=replaces.restarts, previous=replaces.workload_id)
             return await self._launch(spec)
@@ -335,6 +380,7 @@ class WorkloadManager(Actor[WorkloadMsg]):
     def _reserve(self) -> Reservation:
         """A workload slot for a deploy, claimed before its first await (raises :class:`Refused`)."""
         if self.state.lameduck:
+            _STAGE.set("lameduck")
             raise Refused("Node is in lame duck mode. Workload deploy request rejected")
         limit = self.state.config.node_limits.max_workloads
         if limit and self.book.running() + self.book.reserved_slots >= limit:
@@ -364,7 +410,8 @@ class WorkloadManager(Actor[WorkloadMsg]):
         if config.valid_issuers and issuer not in config.valid_issuers:
             raise Refused(f"invalid workload issuer: {issuer}")
         location = checks.artifact_location(request)
-        artifact, digest = await self._artifact(location, request.jsdomain, claims.text("hash"), reservation)
+        with _stage("artifact"):
+            artifact, digest = await self._artifact(location, request.jsdomain, claims.text("hash"), reservation)
         return WorkloadSpec(
             name=checks.workload_name(claims),
             namespace=namespace,
@@ -433,12 +480,14 @@ class WorkloadManager(Actor[WorkloadMsg]):
                 workload = await self._launch_on_a_machine(spec)
             except _MachineTrouble as again:
                 raise Refused(f"Failed to deploy workload: {again}") from None
-        self._record(workload)
+        with _stage("started"):
+            self._record(workload)
         return workload
 
     async def _launch_on_a_machine(self, spec: WorkloadSpec) -> Workload:
         try:
-            taken: Taken = await self.pool.ask(lambda reply: Take(reply=reply), timeout=TAKE_TIMEOUT)
+            with _stage("machine"):
+                taken: Taken = await self.pool.ask(lambda reply: Take(reply=reply), timeout=TAKE_TIMEOUT)
         except ActorError as exc:
             raise Refused(f"Failed to deploy workload: no machine became ready in {TAKE_TIMEOUT:g}s ({exc})") from None
         workload = Workload(spec=spec, vmid=taken.vmid, ref=taken.ref, ip=taken.ip)
@@ -454,12 +503,16 @@ class WorkloadManager(Actor[WorkloadMsg]):
             essential=spec.essential,
         )
         done = False
+        _STAGE.set("agent")  # its spans (staging, agent) are the machine's: it gets the context
+        parent = otel_context.get_current()
         try:
             await taken.ref.ask(
-                lambda reply: Deploy(request=request, artifact=spec.artifact, reply=reply), timeout=DEPLOY_TIMEOUT
+                lambda reply: Deploy(request=request, artifact=spec.artifact, reply=reply, trace=parent),
+                timeout=DEPLOY_TIMEOUT,
             )
             done = True
         except (MachineFailed, ActorCrashed, ActorStopped) as exc:
+            _STAGE.set("machine")
             raise _MachineTrouble(f"machine {taken.vmid} failed: {exc}") from None
         except (WorkloadRejected, ActorError) as exc:
             raise Refused(f"Failed to deploy workload: workload rejected by agent: {exc}") from None
@@ -643,8 +696,10 @@ class WorkloadManager(Actor[WorkloadMsg]):
             return
         reservation = Reservation(self.book)  # not refused at the limit: it replaces one that ended
         reservation.add_bytes(len(spec.artifact))
+        ESSENTIAL_RESTARTS.add(1)
         try:
-            await self._launch(spec)
+            with _tracer.start_as_current_span("essential-restart", attributes={"nex.workload.name": spec.name}):
+                await self._launch(spec)
         except Refused as exc:
             log.error("Restart of an essential workload failed", name=spec.name, error=str(exc))
             self._schedule_restart(spec)
@@ -726,6 +781,12 @@ class WorkloadManager(Actor[WorkloadMsg]):
         )
         workload.stopping = True
         self._forget(workload.vmid)
+        grace = self.state.config.workload_stop_grace_ms / 1000
+        with contextlib.suppress(ActorError):  # its machine is gone already: so is this copy
+            await workload.ref.ask(lambda reply: Undeploy(grace=grace, reply=reply), timeout=grace + STOP_SLACK)
+
+    async def _end_here(self, workload: Workload) -> None:
+        """Stop this node's copy of a workload that runs elsewhere now (no restart, no record)."""
         grace = self.state.config.workload_stop_grace_ms / 1000
         with contextlib.suppress(ActorError):  # its machine is gone already: so is this copy
             await workload.ref.ask(lambda reply: Undeploy(grace=grace, reply=reply), timeout=grace + STOP_SLACK)

@@ -62,6 +62,7 @@ AUTO_REPLICAS = (3, 2, 1)  # tried in turn when state_replicas is 0: a cluster r
 KV_TIMEOUT = 5.0  # each JetStream request
 PURGE_MARKER_TTL = 600.0  # seconds a removed record's purge marker stays
 RETRY_FIRST = 1.0  # after a failed write; doubles each time
+TAKEN_CHECK = 5.0  # seconds between checks that this node's records are still its own
 RETRY_MAX = 60.0
 _SIGNED_AS = "nex-workload-record-v1"
 
@@ -186,6 +187,14 @@ class ClaimOwn(Message):
 RecordsMsg = Keep | Forget | PreviousRun | ClaimOwn
 
 
+class RecordTaken(Message):
+    """To the workload manager: the record of the workload ``workload_id`` is gone from the bucket and
+    this node did not remove it: another node took this one for dead and runs the workload now (see
+    :mod:`nex.node.takeover`), so this copy must end (a network partition, a node stalled too long)."""
+
+    workload_id: str
+
+
 @dataclass(eq=False)
 class RecordBook:
     """What outlives a restart of the records actor."""
@@ -201,10 +210,13 @@ class RecordBook:
 
 
 class WorkloadRecords(Actor[RecordsMsg]):
-    def __init__(self, state: NodeState, link: NatsLink, book: RecordBook) -> None:
+    def __init__(
+        self, state: NodeState, link: NatsLink, book: RecordBook, taken: Callable[[RecordTaken], None] | None = None
+    ) -> None:
         self.state = state
         self.link = link
         self.book = book
+        self.taken = taken  # told of each workload whose record another node took
         self.node_id = state.node_id
         self._kv: KeyValue | None = None  # nats-py's, bound to the link's current connection
         self._writing: str | None = None  # the key being written
@@ -220,6 +232,8 @@ class WorkloadRecords(Actor[RecordsMsg]):
             with trio.move_on_after(2 * KV_TIMEOUT):
                 await self._try(self._open)
         self.nursery.start_soon(self._writer)
+        if self.taken is not None:
+            self.nursery.start_soon(self._watch_taken)
 
     async def handle(self, message: RecordsMsg) -> None:
         match message:
@@ -257,6 +271,28 @@ class WorkloadRecords(Actor[RecordsMsg]):
             return True
         self.book.stored.discard(key)
         return True
+
+    async def _watch_taken(self) -> None:
+        """Every :data:`TAKEN_CHECK` seconds: are the records this node wrote still there? One that is
+        gone without this node removing it was taken by a node that took this one for dead."""
+        assert self.taken is not None
+        while True:
+            await trio.sleep(TAKEN_CHECK)  # a check's cadence, not a wait for something
+            kv = self._kv
+            if kv is None:
+                continue
+            mine = {key for key in self.book.stored if key not in self.book.pending and key != self._writing}
+            if not mine:
+                continue
+            try:
+                present = {key for key, _, _ in await self.link.call(lambda nc, kv=kv: read_own(kv, self.node_id))}  # type: ignore[misc]
+            except Exception:  # the bucket's trouble: next time
+                continue
+            for key in mine - present:
+                if key in self.book.stored and key not in self.book.pending and key != self._writing:
+                    self.book.stored.discard(key)
+                    log.warning("Another node took a workload of this node's over", key=key)
+                    self.taken(RecordTaken(workload_id=key.split(".", 1)[1]))
 
     async def _writer(self) -> None:
         """Write what is pending, in the background; after a failure, try again with backoff."""

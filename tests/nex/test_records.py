@@ -444,3 +444,30 @@ def test_state_replicas_is_a_config_key_within_jetstreams_limits(tmp_path: Path)
     path.write_text(json.dumps({"state_replicas": -1}))
     with pytest.raises(config.ConfigError, match=r"state_replicas must be between 1 and 5"):
         config.load(path)
+
+
+@pytest.mark.integration
+def test_a_workload_whose_record_another_node_took_ends_here(
+    home: Path, open_nats_server: NatsServerProc, obus: Bus, binaries: Binaries
+) -> None:
+    """As a node that took this one for dead does (a partition, a stall): it deletes the record, and
+    this node, alive after all, ends its copy rather than run it twice."""
+    needs_namespaces()
+    alice = Requester(obus)
+    node = NodeProcess(home, *reach(open_nats_server), server=open_nats_server.url).start(obus)
+    records = Records(obus, node.node_id)
+    events = obus.collect("$NEX.events.default.*")
+    echo = alice.upload(binaries.echo, "echo")
+    body = alice.deploy_body(node.ping(obus), echo, "echo", echo_env(open_nats_server, "records.taken", ""))
+    workload = started(alice.deploy(node.node_id, body))
+    records.wait(lambda state: workload.id in state, "the workload's record")
+
+    kv = obus.run(obus.nc.jetstream().key_value(BUCKET))
+    obus.run(kv.delete(f"{node.node_id}.{workload.id}"))  # taken, as nex.node.takeover takes one
+
+    stopped = events.wait("default.workload_stopped", source=node.node_id, timeout=30)
+    assert stopped["data"]["id"] == workload.id
+    assert stopped["data"]["message"] == "moved to another node, which took this one for dead"
+    assert node.info(obus).machines == [], "its copy ended here"
+    assert node.stop() == 0
+    records.close()
