@@ -689,6 +689,7 @@ node_app.command(ls, name="ls")
 node_app.command(info, name="info")
 app.command("nex.cli.image:image_app", name="image")  # lazily: imported when run
 app.command("nex.cli.preflight:preflight", name="preflight")  # lazily: imported when run
+app.command("nex.cli.top:top", name="top")  # lazily: Textual is imported only when it runs
 node_app.command("nex.cli.preflight:preflight", name="preflight")
 
 
