@@ -86,7 +86,7 @@ from .lameduck import LameDuckWatcher
 from .progress import FillProgress
 from .systemd import Notifier
 from .takeover import Takeover
-from .telemetry import Telemetry, TelemetryError
+from .telemetry import Telemetry, TelemetryError, sample_mailboxes
 
 log = logs.get("nex.node")
 
@@ -326,6 +326,7 @@ class Node:
 
         try:
             self._telemetry.start(state, pool_book, workload_book, [control_link, internal_link])
+            nursery.start_soon(sample_mailboxes, self._telemetry, self._tree)
         except TelemetryError as exc:
             raise NodeError(str(exc)) from None
 

@@ -22,16 +22,23 @@ to counters and the unit to histograms):
   ``link``: control or internal);
 - at their events' sites (:mod:`nex.vm.pool`, :mod:`nex.workload.manager`): ``nex-machine-warmup-time``
   and ``nex-deploy-latency`` (histograms, ms), ``nex-machine-failures``, ``nex-machine-replacements``,
-  ``nex-essential-restarts``, ``nex-deploy-refusals`` (by ``reason``).
+  ``nex-essential-restarts``, ``nex-deploy-refusals`` (by ``reason``), ``nex-sandbox-kills`` (by
+  ``reason``: ``oom``);
+- ``nex-mailbox-depth`` and ``nex-mailbox-dropped`` (by ``actor``), sampled every
+  :data:`MAILBOX_SAMPLE` seconds on the Trio thread (a scrape must not walk the supervision tree).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+import trio
+
+from actors import TreeNode
 from nex import logs
 from nex.config import NodeConfig
 from nex.state import NodeState
@@ -45,6 +52,7 @@ METRICS_FILE = "metrics.log"
 TRACES_FILE = "traces.log"
 FILE_EXPORT_INTERVAL_MS = 3000  # nex's file exporter's
 SHUTDOWN_TIMEOUT_MS = 3000
+MAILBOX_SAMPLE = 2.0  # seconds between samples of the actors' mailboxes
 
 
 class TelemetryError(Exception):
@@ -77,6 +85,8 @@ class Telemetry:
         self.state_dir = state_dir
         self._closers: list[Callable[[], None]] = []
         self.metrics_address = ""  # host:port of the Prometheus endpoint, once served
+        # the actors' mailboxes, by actor: (depth, dropped), sampled on the Trio thread (see sample_mailboxes)
+        self.mailboxes: dict[str, tuple[int, int]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -158,6 +168,7 @@ class Telemetry:
         metrics.set_meter_provider(provider)
         self._closers.append(lambda: provider.shutdown(timeout_millis=SHUTDOWN_TIMEOUT_MS))
         _observe(provider.get_meter("nex.node"), state, pool, workloads, links)
+        _observe_mailboxes(provider.get_meter("nex.node"), self)
         log.info("Metrics", exporter=exporter, to=where)
 
     def _serve_prometheus(self) -> Any:
@@ -256,6 +267,43 @@ def _observe(meter: Any, state: NodeState, pool: PoolBook, workloads: WorkloadBo
     meter.create_observable_counter(
         "nex-nats-reconnects", callbacks=[reconnects], description="Reconnects of the node's NATS connections"
     )
+
+
+def _observe_mailboxes(meter: Any, telemetry: Telemetry) -> None:
+    from opentelemetry.metrics import CallbackOptions, Observation
+
+    def depth(_: CallbackOptions) -> list[Observation]:
+        return [Observation(d, {"actor": name}) for name, (d, _dropped) in list(telemetry.mailboxes.items())]
+
+    def dropped(_: CallbackOptions) -> list[Observation]:
+        return [Observation(n, {"actor": name}) for name, (_depth, n) in list(telemetry.mailboxes.items())]
+
+    meter.create_observable_gauge("nex-mailbox-depth", callbacks=[depth], description="Messages waiting, by actor")
+    meter.create_observable_counter(
+        "nex-mailbox-dropped", callbacks=[dropped], description="Messages a full mailbox dropped, by actor"
+    )
+
+
+async def sample_mailboxes(telemetry: Telemetry, tree: Callable[[], TreeNode], every: float = MAILBOX_SAMPLE) -> None:
+    """Every ``every`` seconds, the actors' mailbox depths and drops, read on the Trio thread that owns
+    the actors (a scrape runs in the exporter's thread, which must not walk the supervision tree)."""
+    if not telemetry.config.otel_metrics:
+        return
+    while True:
+        with contextlib.suppress(AssertionError):  # the tree is not up yet
+            telemetry.mailboxes = _mailboxes(tree())
+        await trio.sleep(every)  # a sampling cadence
+
+
+def _mailboxes(root: TreeNode) -> dict[str, tuple[int, int]]:
+    found: dict[str, tuple[int, int]] = {}
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if node.mailbox_depth is not None:
+            found[node.name] = (node.mailbox_depth, node.dropped)
+        stack.extend(node.children)
+    return found
 
 
 def _machines(pool: PoolBook, workloads: WorkloadBook) -> int:

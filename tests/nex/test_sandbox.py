@@ -30,6 +30,7 @@ from nex.sandbox import cgroups
 from nex.workload import request as workload_request
 
 from .support import Bus, NatsServerProc, NodeProcess, internal_url, run_cli, wait_gone
+from .test_telemetry import free_port, value, wait_metrics
 from .workloads import Binaries, Requester, attacks, started
 
 pytestmark = [
@@ -262,16 +263,23 @@ def test_a_hostile_tenant_cannot_reach_out_of_its_jail(
 def test_memory_beyond_the_template_ends_in_an_oom_stop(
     mode: str, home: Path, open_nats_server: NatsServerProc, obus: Bus, binaries: Binaries
 ) -> None:
-    node = start_node(home, mode, open_nats_server, obus, machine_template={"memsize_mib": 96})
+    port = free_port()
+    node = start_node(
+        home, mode, open_nats_server, obus, machine_template={"memsize_mib": 96}, otel_metrics=True,
+        otel_metrics_port=port,
+    )  # fmt: skip
     tenant = Tenant(obus, node)
     vmid = tenant.run(binaries.hostile, "hostile", ["memory", "384"])
     ended = tenant.stopped(vmid)
     tenant.still_answers()
+    kills = wait_metrics(port, lambda s: True, "the metrics")
     if mode == JAIL:
         assert ended["code"] == -9, ended
         assert "out of memory" in ended["message"], ended
+        assert value(kills, "nex_sandbox_kills_total", reason="oom") == 1, "counted as the sandbox's kill"
     else:
         assert ended["code"] == 0, "unjailed, it got all it asked for"
+        assert value(kills, "nex_sandbox_kills_total") == 0
     assert node.stop() == 0
 
 

@@ -124,6 +124,13 @@ def test_the_prometheus_endpoint_follows_a_deploy_and_its_stop_and_a_deploy_is_t
     assert value(running, "nex_total_vcpu_allocation_count") == 1
     assert value(running, "nex_deploy_latency_milliseconds_count", outcome="started") == 1
     assert value(running, "nex_deploy_latency_milliseconds_sum", outcome="started") > 0
+
+    def has(samples: Samples, name: str, actor: str) -> bool:
+        return any(n == name and ("actor", actor) in have for n, have in samples)
+
+    sampled = wait_metrics(port, lambda s: has(s, "nex_mailbox_depth", "workloads"), "the mailboxes sampled")
+    assert has(sampled, "nex_mailbox_dropped_total", "control-api"), "drops, by actor"
+    assert value(sampled, "nex_mailbox_dropped_total", actor="workloads") == 0
     # the taken machine is replaced: one more warm-up, and two machines alive
     refilled = wait_metrics(port, lambda s: value(s, "nex_warm_machines") == 1, "the pool refilled")
     assert value(refilled, "nex_machine_replacements_total") >= 1
