@@ -82,6 +82,7 @@ class Runner:
         self.log_budget = api.LogBudget() if log_budget is None else log_budget
         self.gate = LogGate(self.log_budget)
         self._oom_kills = 0  # the machine's count when the workload started
+        self._pids_refused = 0  # likewise, of forks refused at its pids limit
         self.finished = finished
         self.log = log
         self.launchpad: Launchpad | None = None  # forked as the artifact arrives; at deploy if missing
@@ -103,6 +104,7 @@ class Runner:
             artifact = await self._fetch(request)
             launchpad, self.launchpad = self.launchpad or self._new_launchpad(), None
             self._oom_kills = self._count_oom_kills()
+            self._pids_refused = self._count_pids_refused()
             self.process = await launchpad.launch(
                 artifact,
                 request.argv,
@@ -174,6 +176,15 @@ class Runner:
 
     def _new_launchpad(self) -> Launchpad:
         return Launchpad(self.jail, self.workdir)
+
+    def _count_pids_refused(self) -> int:
+        """The forks this machine's cgroup refused at its pids limit (0 without)."""
+        if self.jail is None or not self.jail.cgroup:
+            return 0
+        try:
+            return cgroups.pids_limit_hits(self.jail.cgroup)
+        except OSError:
+            return 0
 
     def _count_oom_kills(self) -> int:
         """The kernel's count of processes it killed for memory in this machine's cgroup (0 without)."""
@@ -284,6 +295,8 @@ class Runner:
         if code == -9 and self._count_oom_kills() > self._oom_kills:
             assert self.jail is not None
             message = f"killed by the kernel: out of memory (the machine has {self.jail.memory_mib} MiB)"
+        if (refused := self._count_pids_refused() - self._pids_refused) > 0:
+            message += f"; its pids limit refused {refused} forks"
         await self._event(
             api.WorkloadStatus(workload_name=self.request.workload_name, code=code, message=message), "workload_stopped"
         )

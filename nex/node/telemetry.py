@@ -23,7 +23,7 @@ to counters and the unit to histograms):
 - at their events' sites (:mod:`nex.vm.pool`, :mod:`nex.workload.manager`): ``nex-machine-warmup-time``
   and ``nex-deploy-latency`` (histograms, ms), ``nex-machine-failures``, ``nex-machine-replacements``,
   ``nex-essential-restarts``, ``nex-deploy-refusals`` (by ``reason``), ``nex-sandbox-kills`` (by
-  ``reason``: ``oom``);
+  ``reason``: ``oom``, a workload killed for memory; ``pids``, one whose forks its pids limit refused);
 - ``nex-mailbox-depth`` and ``nex-mailbox-dropped`` (by ``actor``), sampled every
   :data:`MAILBOX_SAMPLE` seconds on the Trio thread (a scrape must not walk the supervision tree).
 """

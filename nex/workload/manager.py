@@ -113,7 +113,9 @@ DEPLOY_REFUSALS = _meter.create_counter(
 )
 ESSENTIAL_RESTARTS = _meter.create_counter("nex-essential-restarts", description="Restarts of essential workloads")
 SANDBOX_KILLS = _meter.create_counter(
-    "nex-sandbox-kills", description="Workloads the kernel ended for a limit of their machine, by reason (oom)"
+    "nex-sandbox-kills",
+    description="Workloads the kernel stopped at a limit of their machine, by reason: oom (killed), "
+    "pids (forks refused)",
 )
 _STAGE: contextvars.ContextVar[str] = contextvars.ContextVar("nex_deploy_stage", default="checks")
 
@@ -655,6 +657,8 @@ class WorkloadManager(Actor[WorkloadMsg]):
             workload.exit_message = f"{workload.exit_message}; no other node took it: {workload.unmoved}".lstrip("; ")
         if "out of memory" in workload.exit_message:  # the agent's word for the OOM killer's work
             SANDBOX_KILLS.add(1, {"reason": "oom"})
+        if "pids limit refused" in workload.exit_message:  # forks refused: stopped at the limit, not killed
+            SANDBOX_KILLS.add(1, {"reason": "pids"})
         self._emit(workload, events.WORKLOAD_STOPPED, code, workload.exit_message)
         log.info(
             "Workload stopped", name=workload.spec.name, vmid=workload.vmid, code=code, message=workload.exit_message

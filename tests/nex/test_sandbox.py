@@ -306,18 +306,28 @@ def test_socket_buffers_count_against_the_machine_too(
 def test_a_fork_bomb_stops_at_the_pids_limit(
     mode: str, home: Path, open_nats_server: NatsServerProc, obus: Bus, binaries: Binaries
 ) -> None:
-    node = start_node(home, mode, open_nats_server, obus, machine_template={"pids_max": 64})
+    port = free_port()
+    node = start_node(
+        home, mode, open_nats_server, obus, machine_template={"pids_max": 64}, otel_metrics=True,
+        otel_metrics_port=port,
+    )  # fmt: skip
     tenant = Tenant(obus, node)
     vmid = tenant.run(binaries.hostile, "hostile", ["forkbomb", "300"])
     status, detail = attacks(tenant.lines(vmid))["forkbomb"]
     tenant.still_answers()
     forked = int(detail.split()[0].removeprefix("forked="))
+    ended = tenant.stopped(vmid)
+    counted = wait_metrics(port, lambda s: True, "the metrics")
     if mode == JAIL:
         assert status == "BLOCKED"
         assert forked < 64, detail
         assert "EAGAIN" in detail
+        assert "its pids limit refused" in ended["message"], ended
+        assert value(counted, "nex_sandbox_kills_total", reason="pids") == 1
     else:
         assert (status, forked) == ("OK", 300)
+        assert "pids limit" not in ended["message"]
+        assert value(counted, "nex_sandbox_kills_total") == 0
     assert node.stop() == 0
 
 
