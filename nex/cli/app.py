@@ -85,6 +85,15 @@ def _client_command(conn: Connection, query: Query, body: Callable[[NexClient], 
     return asyncio.run(main())
 
 
+def _show(value: T, json: bool, view: Callable[[T], Any]) -> int:
+    """Print ``value`` as JSON, or as ``view`` renders it; the exit code."""
+    if json:
+        print(render.to_json(value))
+    else:
+        render.console().print(view(value))
+    return 0
+
+
 def _guard(fn: Callable[[], int]) -> int:
     try:
         return fn()
@@ -287,12 +296,7 @@ def ls(
     """
 
     def run() -> int:
-        nodes = _client_command(conn, query, lambda client: client.ping(expect))
-        if json:
-            print(render.to_json(nodes))
-        else:
-            render.console().print(render.node_table(nodes))
-        return 0
+        return _show(_client_command(conn, query, lambda client: client.ping(expect)), json, render.node_table)
 
     return _guard(run)
 
@@ -319,11 +323,7 @@ def ps(
     def run() -> int:
         nodes = _client_command(conn, query, lambda client: client.probe(workload))
         nodes = sorted(nodes, key=lambda n: (n.tags.get("node_name", ""), n.node_id))
-        if json:
-            print(render.to_json(nodes))
-        else:
-            render.console().print(render.workload_table(nodes))
-        return 0
+        return _show(nodes, json, render.workload_table)
 
     return _guard(run)
 
