@@ -104,17 +104,9 @@ def test_the_prometheus_endpoint_follows_a_deploy_and_its_stop_and_a_deploy_is_t
     assert value(before, "nex_machine_warmup_time_milliseconds_count") >= 1
     assert value(before, "nex_deploy_latency_milliseconds_count") == 0
 
-    now = int(time.time())
-    deploy = workload_request.Deploy(
-        location=echo.location,
-        name="echo",
-        hash=echo.hash,
-        node_id=target.node_id,
-        node_xkey=target.target_xkey,
-        environment=echo_env(open_nats_server, "echo.metrics"),
+    workload = started(
+        alice.deploy(node.node_id, alice.deploy_body(target, echo, "echo", echo_env(open_nats_server, "echo.metrics")))
     )
-    body = workload_request.deploy_request(deploy, alice.keys.issuer, alice.keys.xkey, issued_at=now - 10)
-    workload = started(alice.deploy(node.node_id, body))
     assert echo_request(obus, "echo.metrics", b"x") == b"x"
 
     running = wait_metrics(port, lambda s: value(s, "nex_workload_count") == 1, "the workload running")
@@ -144,7 +136,8 @@ def test_the_prometheus_endpoint_follows_a_deploy_and_its_stop_and_a_deploy_is_t
     assert value(refused, "nex_deploy_latency_milliseconds_count", outcome="refused") == 1
     assert value(refused, "nex_workload_count") == 1
 
-    stop = workload_request.stop_request(workload.id, "echo", node.node_id, alice.keys.issuer, issued_at=now)
+    later = int(time.time()) + 1  # a stop issued in the deploy's second would look replayed
+    stop = workload_request.stop_request(workload.id, "echo", node.node_id, alice.keys.issuer, issued_at=later)
     assert alice.stop(node.node_id, stop).error is None
     after = wait_metrics(port, lambda s: value(s, "nex_workload_count") == 0, "the workload stopped")
     assert value(after, "nex_deployed_bytes_count") == 0

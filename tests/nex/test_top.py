@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import nats.errors
 import pytest
 from textual.pilot import Pilot
 from textual.screen import ModalScreen
@@ -25,14 +24,12 @@ from nex.api import control
 from nex.bus.server import free_port
 from nex.cli.top import make_app
 from nex.client import NexClient, RequesterKeys
-from nex.net import netns
 
 from .support import Bus, NatsServerProc, NodeProcess, run_cli
+from .test_workloads import echo_env, echo_request, needs_namespaces, reach
 from .workloads import Binaries
 
 pytestmark = pytest.mark.integration
-
-GATEWAY = "192.168.127.1"  # the host side of every machine's link (the embedded default subnet)
 
 
 async def until(pilot: Pilot[Any], condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
@@ -49,29 +46,23 @@ def pane(app: Any, selector: str) -> list[str]:
     return [strip.text for strip in app.query_one(selector, RichLog).lines]
 
 
-def echo_request(bus: Bus, subject: str, payload: bytes, timeout: float = 20) -> bytes:
-    """Ask the echo service, retrying while it is still connecting (no responders yet)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return bus.request(subject, payload, timeout=1)
-        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"nothing answered on {subject} within {timeout}s") from None
+def node_with_echo(home: Path, server: NatsServerProc, bus: Bus, binaries: Binaries) -> NodeProcess:
+    """A node whose workloads reach ``server``, and the echo workload in ``home/bin`` for ``nex run``."""
+    needs_namespaces()
+    node = NodeProcess(home, *reach(server), server=server.url).start(bus)
+    (home / "bin").mkdir()
+    (home / "bin" / "echo").write_bytes(binaries.echo)
+    return node
 
 
 def test_top_shows_the_node_its_workload_and_events_follows_logs_and_stops_it_when_confirmed(
     home: Path, open_nats_server: NatsServerProc, obus: Bus, binaries: Binaries
 ) -> None:
-    if not netns.has_capabilities():
-        pytest.skip("the echo workload reaches the control server through its namespace's gateway: needs root")
     url = open_nats_server.url
-    node = NodeProcess(home, "--allow", f"{GATEWAY}:{open_nats_server.port}", server=url).start(obus)
+    node = node_with_echo(home, open_nats_server, obus, binaries)
     workload_events = obus.collect("$NEX.events.default.*")
-    (home / "bin").mkdir()
-    (home / "bin" / "echo").write_bytes(binaries.echo)
     user = {"HOME": str(home / "user"), "NATS_URL": url}
-    env = {"NATS_URL": f"nats://{GATEWAY}:{open_nats_server.port}", "ECHO_SUBJECT": "top.echo", "ECHO_PREFIX": ""}
+    env = echo_env(open_nats_server, "top.echo")
     keys_dir = home / "user" / ".nex"
 
     async def scenario() -> None:
@@ -137,14 +128,10 @@ def test_top_shows_the_node_its_workload_and_events_follows_logs_and_stops_it_wh
 def test_top_asks_before_stopping_and_keeps_the_workload_on_no(
     home: Path, open_nats_server: NatsServerProc, obus: Bus, binaries: Binaries
 ) -> None:
-    if not netns.has_capabilities():
-        pytest.skip("the echo workload reaches the control server through its namespace's gateway: needs root")
     url = open_nats_server.url
-    node = NodeProcess(home, "--allow", f"{GATEWAY}:{open_nats_server.port}", server=url).start(obus)
-    (home / "bin").mkdir()
-    (home / "bin" / "echo").write_bytes(binaries.echo)
+    node = node_with_echo(home, open_nats_server, obus, binaries)
     user = {"HOME": str(home / "user"), "NATS_URL": url}
-    env = [f"--env=NATS_URL=nats://{GATEWAY}:{open_nats_server.port}", "--env=ECHO_SUBJECT=top.keep"]
+    env = [f"--env={k}={v}" for k, v in echo_env(open_nats_server, "top.keep").items()]
     run = run_cli("run", str(home / "bin" / "echo"), *env, "--json", env=user)
     assert run.returncode == 0, run.stderr
     response = msgspec.json.decode(run.stdout, type=control.RunResponse)
