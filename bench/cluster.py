@@ -431,6 +431,32 @@ def event_story(bench: Bench, names: set[str], ids: set[str], since: int, start:
     ]
 
 
+async def started_elsewhere(
+    bench: Bench, zone: str, original: dict[str, str], since: int, start: float, wait: float, what: str
+) -> dict[str, object]:
+    """When each of ``original`` (name: workload id, on node ``zone``) started on another node, within
+    ``wait`` seconds of ``start`` (what happened then: ``what``); ``not_available`` if one did not."""
+    victim = bench.ids[zone]
+    moved: dict[str, Seen | None] = {}
+    for name in original:
+        left = max(0.0, start + wait - time.perf_counter())
+        moved[name] = await bench.started(since, left, name=name, not_from=victim)
+    result: dict[str, object] = {"node": zone, "workloads": sorted(original)}
+    missing = sorted(name for name, seen in moved.items() if seen is None)
+    if missing:
+        result["not_available"] = (
+            f"no workload_started for {', '.join(missing)} from another node within {wait:g}s of {what}"
+        )
+        return result
+    result["to_started_elsewhere_ms"] = {
+        name: {"ms": (seen.at - start) * 1000, "node": bench.zone(seen.source)}
+        for name, seen in moved.items()
+        if seen is not None
+    }
+    result["all_started_elsewhere_ms"] = max((s.at - start) * 1000 for s in moved.values() if s is not None)
+    return result
+
+
 async def lame_duck(bench: Bench, node: NodeProcess) -> dict[str, object]:
     """Two essential workloads on node LAME, then lame duck: when they run elsewhere, when it exits."""
     victim = bench.ids[LAME]
@@ -438,24 +464,8 @@ async def lame_duck(bench: Bench, node: NodeProcess) -> dict[str, object]:
     since = len(bench.events.seen)
     start = time.perf_counter()
     await bench.client.lameduck(victim, deadline=MIGRATE_WAIT + 30)
-    moved: dict[str, Seen | None] = {}
-    for name in original:
-        left = max(0.0, start + MIGRATE_WAIT - time.perf_counter())
-        moved[name] = await bench.started(since, left, name=name, not_from=victim)
-    result: dict[str, object] = {"node": LAME, "workloads": sorted(original)}
-    missing = sorted(name for name, seen in moved.items() if seen is None)
-    if missing:
-        result["not_available"] = (
-            f"no workload_started for {', '.join(missing)} from another node within {MIGRATE_WAIT:g}s of lame "
-            f"duck on node {LAME} (the node does not move its essential workloads)"
-        )
-    else:
-        result["to_started_elsewhere_ms"] = {
-            name: {"ms": (seen.at - start) * 1000, "node": bench.zone(seen.source)}
-            for name, seen in moved.items()
-            if seen is not None
-        }
-        result["all_started_elsewhere_ms"] = max((s.at - start) * 1000 for s in moved.values() if s is not None)
+    result = await started_elsewhere(bench, LAME, original, since, start, MIGRATE_WAIT, f"lame duck on node {LAME}")
+    if "not_available" not in result:
         own_stopped: dict[str, float | None] = {}
         for name, workload in original.items():
             seen = await bench.stopped(workload, since, max(0.0, start + MIGRATE_WAIT - time.perf_counter()))
@@ -473,30 +483,12 @@ async def lame_duck(bench: Bench, node: NodeProcess) -> dict[str, object]:
 
 async def death(bench: Bench, nodes: dict[str, NodeProcess], restart: Callable[[], NodeProcess]) -> dict[str, object]:
     """Two essential workloads on node DEAD, then SIGKILL: when they run elsewhere, how many times."""
-    victim = bench.ids[DEAD]
     original = await deploy_essentials(bench, DEAD, "death")
     since = len(bench.events.seen)
     start = time.perf_counter()
     nodes[DEAD].proc.kill()
     nodes[DEAD].proc.wait()
-    moved = {}
-    for name in original:
-        left = max(0.0, start + DEATH_WAIT - time.perf_counter())
-        moved[name] = await bench.started(since, left, name=name, not_from=victim)
-    result: dict[str, object] = {"node": DEAD, "workloads": sorted(original)}
-    missing = sorted(name for name, seen in moved.items() if seen is None)
-    if missing:
-        result["not_available"] = (
-            f"no workload_started for {', '.join(missing)} from another node within {DEATH_WAIT:g}s of "
-            f"SIGKILL of node {DEAD}"
-        )
-    else:
-        result["to_started_elsewhere_ms"] = {
-            name: {"ms": (seen.at - start) * 1000, "node": bench.zone(seen.source)}
-            for name, seen in moved.items()
-            if seen is not None
-        }
-        result["all_started_elsewhere_ms"] = max((s.at - start) * 1000 for s in moved.values() if s is not None)
+    result = await started_elsewhere(bench, DEAD, original, since, start, DEATH_WAIT, f"SIGKILL of node {DEAD}")
     await asyncio.sleep(3)  # a second copy, if any, would start about as soon as the first
     result["times_started_elsewhere"] = {
         name: sum(1 for s in bench.events.seen[since:] if s.type == "workload_started" and s.name == name)
