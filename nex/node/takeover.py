@@ -55,7 +55,9 @@ class Takeover(Actor[InboundMsg]):
         self.link = link
         self.publisher = publisher
         self.dead_after = state.config.dead_after()
-        self.every = max(0.1, state.config.heartbeat_interval_ms / 1000 / 2)
+        # the bucket is read whole at each check: a third of the silence that makes a node dead is
+        # soon enough to notice it, and no more often than that
+        self.every = max(0.1, self.dead_after / 3)
         seed = state.config.cluster_workload_key
         self.shared = crypto.XKey.from_seed(seed) if seed else None
         self.heard: dict[str, float] = {}  # node id: when it was last heard of (trio time)
